@@ -1,0 +1,38 @@
+# Developer entry points. `make test` is what CI runs (.ci/run).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv lint test demo bench format clean
+
+venv: $(VENV)/.installed
+
+# Re-installs only when pyproject.toml changes (or the stamp is missing).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# pytest exits 5 when it collects no tests; make fails on it like any non-zero status.
+test: venv lint
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15 tests
+
+demo: venv
+	$(BIN)/orchestrator demo
+
+bench: venv
+	$(BIN)/python -m benchmarks.run
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Build and cache artifacts only; the virtualenv stays (rm -rf .venv to rebuild it).
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

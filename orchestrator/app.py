@@ -1,0 +1,54 @@
+"""The Celery application, configured in one place from :class:`Settings`."""
+
+from __future__ import annotations
+
+import importlib
+
+from celery import Celery
+
+from .settings import Settings, get_settings
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings derived from ours; the reasons are in the README ("Delivery")."""
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        # JSON only, both ways: a pickle message is refused, never executed.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A step's message is acknowledged after it ran, and given back when the
+        # worker process dies, so a SIGKILLed worker loses no step.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        # Redis has no real acks: an unacked message is redelivered after the
+        # visibility timeout. It must exceed every step's hard time limit and every
+        # retry countdown (the loader checks the definitions against it).
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_expires": 24 * 3600,
+        "task_default_queue": settings.default_queue,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "task_track_started": False,
+    }
+
+
+def create_app(settings: Settings | None = None, main: str = "orchestrator") -> Celery:
+    """A Celery app wired to the orchestrator's step task."""
+    settings = settings or get_settings()
+    app = Celery(main, set_as_current=True)
+    app.conf.update(celery_config(settings))
+    app.conf.orchestrator_settings = settings
+    # Registers orchestrator.step on this app (it is a shared task).
+    importlib.import_module("orchestrator.runtime")
+    return app
+
+
+def import_task_modules(settings: Settings) -> None:
+    """Import the user's task modules so their shared tasks register."""
+    for name in settings.task_module_list:
+        importlib.import_module(name)

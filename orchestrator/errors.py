@@ -1,0 +1,79 @@
+"""The orchestrator's exceptions: one small hierarchy, one line of docstring each."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import Run
+
+
+class OrchestratorError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class DefinitionError(OrchestratorError):
+    """A definition is invalid; ``problems`` lists each (file, line, path, message)."""
+
+    def __init__(self, problems: list[Problem] | str):
+        if isinstance(problems, str):
+            problems = [Problem(message=problems)]
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class Problem:
+    """One thing wrong in a definition, with where it is."""
+
+    __slots__ = ("file", "line", "path", "message")
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None,
+                 path: str = ""):
+        self.file, self.line, self.path, self.message = file, line, path, message
+
+    def __str__(self) -> str:
+        where = self.file or "<definition>"
+        if self.line:
+            where += f":{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "path": self.path, "message": self.message}
+
+
+class ExpressionError(OrchestratorError):
+    """An expression is malformed, or failed while being evaluated."""
+
+
+class InputError(OrchestratorError):
+    """Trigger inputs do not match the flow's input schema; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"input {field!r}: {message}")
+
+
+class NotFound(OrchestratorError):
+    """A flow, run or step that was asked for does not exist."""
+
+
+class FlowStopped(OrchestratorError):
+    """The flow is stopped and refuses triggers until it is started."""
+
+
+class InvalidState(OrchestratorError):
+    """The operation does not apply to the run in its current status."""
+
+
+class StepError(OrchestratorError):
+    """A step failed; raised inside the worker with the failure's type and message."""
+
+
+class RunFailed(OrchestratorError):
+    """A run ended failed, compensated or cancelled; ``run`` holds its final state."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        err = run.error or {}
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        super().__init__(f"run {run.id} of {run.flow} ended {run.status}: {msg}")

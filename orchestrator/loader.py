@@ -1,0 +1,366 @@
+"""Definitions in, validated resources out.
+
+Reads YAML/JSON files, folders or text (safely; see :mod:`.yamlsource`), turns each
+document into a pydantic resource, then checks what a schema cannot: duplicate step
+ids, malformed expressions, references to steps that do not exist or do not finish
+before the reader starts (which is also how a cycle shows), and limits that follow
+from the broker (a step's time limit must stay under the visibility timeout). Every
+problem carries file, line, field path and what was expected; all of a document's
+problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import expressions
+from .compiler import hard_time_limit
+from .errors import DefinitionError, ExpressionError, Problem
+from .model import (
+    API_VERSION,
+    AnyStep,
+    FlowResource,
+    ForEachStep,
+    ParallelStep,
+    SequenceStep,
+    SwitchStep,
+    TaskStep,
+    TryStep,
+)
+from .settings import Settings
+from .yamlsource import (
+    SourceDoc,
+    format_path,
+    iter_definition_files,
+    load_path,
+    load_text,
+    problems_from_validation_error,
+)
+
+KINDS = {"Flow": FlowResource}
+
+Resource = FlowResource
+
+
+@dataclass
+class Loaded:
+    """A validated resource and the document it came from."""
+
+    resource: Resource
+    source: SourceDoc | None
+
+    @property
+    def kind(self) -> str:
+        return self.resource.kind
+
+    @property
+    def name(self) -> str:
+        return self.resource.metadata.name
+
+
+def load(paths: str | os.PathLike | Iterable[str | os.PathLike],
+         settings: Settings | None = None) -> list[Loaded]:
+    """Every resource in the given files and folders; raises DefinitionError listing all problems."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    try:
+        files = iter_definition_files(paths)
+    except FileNotFoundError as exc:
+        raise DefinitionError(str(exc)) from exc
+    docs: list[SourceDoc] = []
+    problems: list[Problem] = []
+    for f in files:
+        try:
+            docs.extend(load_path(f))
+        except DefinitionError as exc:
+            problems.extend(exc.problems)
+    return _build(docs, problems, settings)
+
+
+def load_string(text: str, file: str | None = None,
+                settings: Settings | None = None) -> list[Loaded]:
+    """Every resource in a YAML/JSON text."""
+    return _build(load_text(text, file), [], settings)
+
+
+def _build(docs: list[SourceDoc], problems: list[Problem],
+           settings: Settings | None) -> list[Loaded]:
+    out: list[Loaded] = []
+    seen: dict[tuple[str, str], SourceDoc] = {}
+    for doc in docs:
+        loaded = parse_document(doc, problems, settings)
+        if loaded is None:
+            continue
+        ident = (loaded.kind, loaded.name)
+        if ident in seen:
+            first = seen[ident]
+            problems.append(Problem(
+                f"{loaded.kind} {loaded.name!r} is defined twice (first at "
+                f"{first.file or '<text>'}:{first.line})", doc.file, doc.line, "metadata.name"))
+            continue
+        seen[ident] = doc
+        out.append(loaded)
+    if problems:
+        raise DefinitionError(problems)
+    return out
+
+
+def parse_document(doc: SourceDoc, problems: list[Problem],
+                   settings: Settings | None = None) -> Loaded | None:
+    """One document to a resource, appending what is wrong to ``problems``."""
+    data = doc.data
+    if not isinstance(data, dict):
+        problems.append(Problem("expected a mapping (a resource with apiVersion, kind, "
+                                "metadata, spec)", doc.file, doc.line))
+        return None
+    if data.get("apiVersion") != API_VERSION:
+        problems.append(Problem(f"expected apiVersion {API_VERSION!r}, got "
+                                f"{data.get('apiVersion')!r}", doc.file,
+                                doc.line_of(("apiVersion",)), "apiVersion"))
+        return None
+    model = KINDS.get(data.get("kind"))  # type: ignore[arg-type]
+    if model is None:
+        problems.append(Problem(f"expected kind to be one of {', '.join(KINDS)}; got "
+                                f"{data.get('kind')!r}", doc.file, doc.line_of(("kind",)),
+                                "kind"))
+        return None
+    try:
+        resource = model.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(problems_from_validation_error(exc, doc))
+        return None
+    found = check_flow(resource, settings)
+    for path, message in found:
+        problems.append(Problem(message, doc.file, doc.line_of(path), format_path(path)))
+    return None if found else Loaded(resource, doc)
+
+
+def validate_flow(resource: FlowResource, settings: Settings | None = None) -> None:
+    """Raise DefinitionError if a flow built in Python (the DSL) breaks a rule."""
+    found = check_flow(resource, settings)
+    if found:
+        raise DefinitionError([Problem(m, None, None, format_path(p)) for p, m in found])
+
+
+def version_of(resource: Resource) -> str:
+    """A definition's version: a hash of its canonical JSON (same text, same version)."""
+    doc = resource.document()
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# -- flow checks -------------------------------------------------------------------------
+
+
+Path = tuple[Any, ...]
+
+
+def check_flow(flow: FlowResource, settings: Settings | None = None) -> list[tuple[Path, str]]:
+    """Rules beyond the schema, as (field path, message) pairs."""
+    checker = _FlowChecker(flow, settings)
+    checker.run()
+    return checker.problems
+
+
+class _FlowChecker:
+    def __init__(self, flow: FlowResource, settings: Settings | None):
+        self.flow = flow
+        self.settings = settings
+        self.problems: list[tuple[Path, str]] = []
+        self.paths: dict[str, Path] = {}
+        self.depth: dict[str, int] = {}  # enclosing forEach count
+
+    def run(self) -> None:
+        spec = self.flow.spec
+        base: Path = ("spec",)
+        self._index(spec.steps, (*base, "steps"), 0)
+        if spec.on_failure:
+            self._index(spec.on_failure, (*base, "onFailure"), 0)
+        if not self.problems:  # references are only meaningful once ids are unique
+            done = self._block(spec.steps, (*base, "steps"), set())
+            everything = {s for s, d in self.depth.items() if d == 0}
+            if spec.on_failure:
+                self._block(spec.on_failure, (*base, "onFailure"), everything)
+            self._refs(spec.outputs, (*base, "outputs"), everything | done, None)
+        for name, field in spec.inputs.items():
+            if field.required and "default" in field.model_fields_set:
+                self.problems.append(((*base, "inputs", name),
+                                      "an input cannot be both required and have a default"))
+        self._limits()
+
+    def _index(self, steps: list[AnyStep], path: Path, depth: int) -> None:
+        for i, step in enumerate(steps):
+            p = (*path, i)
+            if step.id in self.paths:
+                self.problems.append(((*p, "id"), f"duplicate step id {step.id!r} (first at "
+                                      f"{format_path(self.paths[step.id])})"))
+            else:
+                self.paths[step.id] = p
+                self.depth[step.id] = depth
+            for sub, subpath, d in _nested(step, p, depth):
+                self._index(sub, subpath, d)
+
+    def _block(self, steps: list[AnyStep], path: Path, before: set[str]) -> set[str]:
+        """Check a sequence; ``before`` are the steps that end before it starts."""
+        visible = set(before)
+        for i, step in enumerate(steps):
+            p = (*path, i)
+            self._step(step, p, visible)
+            visible |= {step.id} | self._inside(step)
+        return visible - before
+
+    def _step(self, step: AnyStep, path: Path, before: set[str]) -> None:
+        sid = step.id
+        if step.when is not None:
+            self._condition(step.when, (*path, "when"), before, sid)
+        if isinstance(step, TaskStep):
+            self._refs(step.with_, (*path, "with"), before, sid)
+        elif isinstance(step, SequenceStep):
+            self._block(step.steps, (*path, "steps"), before)
+        elif isinstance(step, ParallelStep):
+            ids = [b.id for b in step.parallel]
+            for i, branch in enumerate(step.parallel):
+                self._step(branch, (*path, "parallel", i), before)
+            if len(set(ids)) != len(ids):
+                self.problems.append(((*path, "parallel"), "branch ids must differ"))
+        elif isinstance(step, ForEachStep):
+            self._refs(step.for_each, (*path, "forEach"), before, sid)
+            body = step.do if isinstance(step.do, list) else [step.do]
+            self._block(body, (*path, "do"), before)
+        elif isinstance(step, SwitchStep):
+            defaults = [i for i, c in enumerate(step.switch) if c.default is not None]
+            for i, case in enumerate(step.switch):
+                cp = (*path, "switch", i)
+                if (case.default is None) == (case.steps is None):
+                    self.problems.append((cp, "a case has either `when` with `steps`, or "
+                                          "`default`"))
+                    continue
+                if case.default is not None and case.when is not None:
+                    self.problems.append(((*cp, "when"), "the default case has no `when`"))
+                if case.steps is not None and case.when is None:
+                    self.problems.append(((*cp, "when"), "a case needs `when` (or use "
+                                          "`default`)"))
+                if case.when is not None:
+                    self._condition(case.when, (*cp, "when"), before, sid)
+                key = "default" if case.default is not None else "steps"
+                self._block(case.default or case.steps or [], (*cp, key), before)
+            if len(defaults) > 1 or (defaults and defaults[0] != len(step.switch) - 1):
+                self.problems.append(((*path, "switch"), "at most one default case, and last"))
+        elif isinstance(step, TryStep):
+            tried = self._block(step.try_, (*path, "try"), before)
+            caught: set[str] = set()
+            if step.catch:
+                caught = self._block(step.catch, (*path, "catch"), before | tried)
+            if step.finally_:
+                self._block(step.finally_, (*path, "finally"), before | tried | caught)
+            if not step.catch and not step.finally_:
+                self.problems.append((path, "a try step needs `catch`, `finally` or both"))
+        if step.compensate is not None:
+            self._step(step.compensate, (*path, "compensate"),
+                       before | {sid} | self._inside(step))
+
+    def _inside(self, step: AnyStep) -> set[str]:
+        """Steps nested in ``step`` at its own forEach depth (readable after it ends)."""
+        out: set[str] = set()
+        depth = self.depth.get(step.id, 0)
+        for sub, _p, d in _nested(step, (), depth):
+            if d != depth:
+                continue
+            for s in sub:
+                out.add(s.id)
+                out |= self._inside(s)
+        return out
+
+    def _condition(self, when: str | bool, path: Path, before: set[str], reader: str) -> None:
+        try:
+            refs = expressions.parse_condition(when).step_refs()
+        except ExpressionError as exc:
+            self.problems.append((path, str(exc)))
+            return
+        self._check_refs(refs, path, before, reader)
+
+    def _refs(self, value: Any, path: Path, before: set[str], reader: str | None) -> None:
+        try:
+            expressions.check(value)
+        except ExpressionError as exc:
+            self.problems.append((path, str(exc)))
+            return
+        self._check_refs(expressions.step_refs(value), path, before, reader)
+
+    def _check_refs(self, refs: set[str], path: Path, before: set[str],
+                    reader: str | None) -> None:
+        who = f"step {reader!r}" if reader else "the flow's outputs"
+        for ref in sorted(refs):
+            if ref not in self.paths:
+                known = ", ".join(sorted(self.paths)) or "none"
+                self.problems.append((path, f"{who} refers to unknown step {ref!r} "
+                                      f"(steps: {known})"))
+            elif ref == reader:
+                self.problems.append((path, f"{who} refers to its own result (a cycle)"))
+            elif ref not in before:
+                why = ("it runs inside a forEach body: read the forEach step's output instead"
+                       if self.depth.get(ref, 0) > (self.depth.get(reader, 0) if reader else 0)
+                       else "it does not finish before this step starts (a cycle, a later "
+                       "step, or a parallel branch)")
+                self.problems.append((path, f"{who} refers to step {ref!r}, but {why}"))
+
+    def _limits(self) -> None:
+        """Time limits must stay under the broker's visibility timeout (see README)."""
+        if self.settings is None:
+            return
+        vt = self.settings.visibility_timeout_s
+        defaults = self.flow.spec.defaults
+        for sid, path in self.paths.items():
+            step = self._find(path)
+            timeout = step.timeout if step is not None else None
+            if timeout is None and defaults is not None:
+                timeout = defaults.timeout
+            if timeout is not None and hard_time_limit(timeout) >= vt:
+                self.problems.append(((*path, "timeout"),
+                                      f"step {sid!r}: timeout {timeout:g}s reaches the broker's "
+                                      f"visibility timeout ({vt}s); a step still running then "
+                                      "would be delivered again. Raise "
+                                      "ORCHESTRATOR_VISIBILITY_TIMEOUT_S or shorten it"))
+
+    def _find(self, path: Sequence[Any]) -> AnyStep | None:
+        node: Any = self.flow
+        for part in path:
+            if isinstance(part, int):
+                node = node[part]
+            else:
+                attr = {"steps": "steps", "onFailure": "on_failure", "parallel": "parallel",
+                        "do": "do", "switch": "switch", "try": "try_", "catch": "catch",
+                        "finally": "finally_", "default": "default", "compensate": "compensate",
+                        "spec": "spec"}[part]
+                node = getattr(node, attr)
+        return node
+
+
+def _nested(step: AnyStep, path: Path, depth: int):
+    """(steps, path, forEach depth) for each step list directly inside ``step``."""
+    if isinstance(step, SequenceStep):
+        yield step.steps, (*path, "steps"), depth
+    elif isinstance(step, ParallelStep):
+        yield step.parallel, (*path, "parallel"), depth
+    elif isinstance(step, ForEachStep):
+        if isinstance(step.do, list):
+            yield step.do, (*path, "do"), depth + 1
+        else:
+            yield [step.do], (*path, "do"), depth + 1
+    elif isinstance(step, SwitchStep):
+        for i, case in enumerate(step.switch):
+            key = "default" if case.default is not None else "steps"
+            yield case.default or case.steps or [], (*path, "switch", i, key), depth
+    elif isinstance(step, TryStep):
+        for key, lst in (("try", step.try_), ("catch", step.catch), ("finally", step.finally_)):
+            if lst:
+                yield lst, (*path, key), depth
+    if step.compensate is not None:
+        yield [step.compensate], (*path, "compensate"), depth

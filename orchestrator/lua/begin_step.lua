@@ -1,0 +1,46 @@
+-- Read what a step needs and, when asked, mark it running: one round trip per step start.
+-- KEYS: run hash, events stream.
+-- ARGV: step key, Celery task id, mark ('1'|'0'), running record JSON, event JSON, now,
+--       then the run-hash fields to read (inputs, s:<ref>, o:<ref>, ...).
+-- Returns {verdict, run status, step record, value...} where verdict is
+--   run      the caller executes the step (marked running when mark = '1');
+--   done     the step already ended (a redelivered message): do not run it again;
+--   busy     another message (another task id) is running it now;
+--   inactive the run is not active (cancelled, failed, ...); missing: no such run.
+local run = KEYS[1]
+local status = redis.call('HGET', run, 'status')
+if not status then
+  return {'missing', false, false}
+end
+if status ~= 'running' and status ~= 'pending' and status ~= 'waiting' then
+  return {'inactive', status, false}
+end
+local skey = 's:' .. ARGV[1]
+local rec = redis.call('HGET', run, skey)
+local verdict = 'run'
+if rec then
+  local r = cjson.decode(rec)
+  local s = r['status']
+  if s == 'succeeded' or s == 'skipped' or s == 'failed' or s == 'cancelled'
+      or s == 'compensated' then
+    verdict = 'done'
+  elseif s == 'running' and r['task_id'] ~= ARGV[2] then
+    return {'busy', status, rec}
+  end
+end
+if verdict == 'run' and ARGV[3] == '1' then
+  redis.call('HSET', run, skey, ARGV[4])
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[5])
+  if status == 'pending' then
+    redis.call('HSET', run, 'status', 'running', 'started_at', ARGV[6])
+    status = 'running'
+  end
+end
+local out = {verdict, status, rec or false}
+if #ARGV >= 7 then
+  local values = redis.call('HMGET', run, unpack(ARGV, 7))
+  for i = 1, #values do
+    out[#out + 1] = values[i]
+  end
+end
+return out

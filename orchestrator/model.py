@@ -1,0 +1,288 @@
+"""The flow model: plain pydantic data shared by YAML, the DSL, the compiler, CLI and API.
+
+It knows nothing of Celery or Redis. Field names are snake_case in Python and
+camelCase in documents (``maxAttempts``, ``onError``); both are accepted on input and
+documents are always written back with the camelCase aliases, so a model
+serialises to the same YAML a user would write.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    Tag,
+    field_validator,
+)
+
+API_VERSION = "orchestrator/v1"
+NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+STEP_ID_RE = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$"
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``250ms``, ``1.5s``, ``10m``, ``48h``, ``2d`` or a bare number."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 250ms, 10m, 48h or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError(
+            f"expected a duration like 30s, 250ms, 10m, 48h or a number of seconds; got {value!r}"
+        )
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str | float:
+    """The shortest exact unit form of a duration, for writing definitions back."""
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _UNIT_SECONDS[unit]
+        if n >= 1 and n == int(n):
+            return f"{int(n)}{unit}"
+    ms = seconds * 1000
+    if ms == int(ms):
+        return f"{int(ms)}ms"
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str | float),
+]
+StepId = Annotated[str, Field(pattern=STEP_ID_RE)]
+Expression = str | bool
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, serialize_by_alias=True, frozen=False
+    )
+
+
+class RetryPolicy(_Model):
+    """How a failed step is tried again; ``maxAttempts`` counts the first try."""
+
+    max_attempts: int | None = Field(None, alias="maxAttempts", ge=1, le=1000)
+    backoff: Literal["fixed", "linear", "exponential"] | None = None
+    initial_delay: Duration | None = Field(None, alias="initialDelay")
+    max_delay: Duration | None = Field(None, alias="maxDelay")
+    jitter: bool | None = None
+
+
+RATE_RE = r"^\d+(\.\d+)?/(s|m|h)$"
+
+
+class StepOptions(_Model):
+    """Options every step may set, and that ``defaults`` sets for all of them."""
+
+    queue: str | None = None
+    priority: int | None = Field(None, ge=0, le=9)
+    retry: RetryPolicy | None = None
+    timeout: Duration | None = None
+    rate_limit: str | None = Field(None, alias="rateLimit", pattern=RATE_RE)
+
+
+class StepDefaults(StepOptions):
+    on_error: Literal["fail", "continue"] | None = Field(None, alias="onError")
+
+
+class StepBase(StepOptions):
+    id: StepId
+    description: str | None = None
+    when: Expression | None = None
+    on_error: Literal["fail", "continue"] | None = Field(None, alias="onError")
+    compensate: Step | None = None
+
+
+class TaskStep(StepBase):
+    """Call a registered Celery task by name with keyword arguments."""
+
+    task: str = Field(pattern=r"^[A-Za-z_][\w.:-]*$")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+
+class SequenceStep(StepBase):
+    """A nested sequence; its output is the output of its last step."""
+
+    steps: list[Step] = Field(min_length=1)
+
+
+class ParallelStep(StepBase):
+    """Branches that run at once; the output maps each branch id to its output."""
+
+    parallel: list[Step] = Field(min_length=1)
+
+
+class ForEachStep(StepBase):
+    """Run ``do`` for each item of a list known at run time; output is the results in order."""
+
+    for_each: str = Field(alias="forEach")
+    do: Step | list[Step]
+    concurrency: int | None = Field(None, ge=1)
+
+
+class SwitchCase(_Model):
+    when: Expression | None = None
+    default: list[Step] | None = None
+    steps: list[Step] | None = None
+
+
+class SwitchStep(StepBase):
+    """The first case whose ``when`` holds runs; ``default`` runs when none does."""
+
+    switch: list[SwitchCase] = Field(min_length=1)
+
+
+class TryStep(StepBase):
+    """An error boundary: ``catch`` runs when a step of ``try`` fails, ``finally`` always."""
+
+    try_: list[Step] = Field(alias="try", min_length=1)
+    catch: list[Step] | None = None
+    finally_: list[Step] | None = Field(None, alias="finally")
+
+
+#: The key whose presence says what kind a step is, in the order they are tried.
+STEP_KINDS: dict[str, str] = {
+    "task": "task",
+    "parallel": "parallel",
+    "forEach": "forEach",
+    "switch": "switch",
+    "try": "try",
+    "steps": "sequence",
+}
+
+
+def step_kind(value: Any) -> str | None:
+    """The tag of a step given as a dict or a model; None when it has no (or two) kinds."""
+    if isinstance(value, BaseModel):
+        return _KIND_OF_CLASS.get(type(value))
+    if not isinstance(value, dict):
+        return None
+    found = [tag for key, tag in STEP_KINDS.items() if key in value]
+    return found[0] if len(found) == 1 else None
+
+
+Step = Annotated[
+    Annotated[TaskStep, Tag("task")]
+    | Annotated[SequenceStep, Tag("sequence")]
+    | Annotated[ParallelStep, Tag("parallel")]
+    | Annotated[ForEachStep, Tag("forEach")]
+    | Annotated[SwitchStep, Tag("switch")]
+    | Annotated[TryStep, Tag("try")],
+    Discriminator(
+        step_kind,
+        custom_error_type="step_kind",
+        custom_error_message=(
+            "a step needs exactly one of the kind fields: " + ", ".join(STEP_KINDS)
+        ),
+    ),
+]
+AnyStep = TaskStep | SequenceStep | ParallelStep | ForEachStep | SwitchStep | TryStep
+
+_KIND_OF_CLASS: dict[type, str] = {
+    TaskStep: "task",
+    SequenceStep: "sequence",
+    ParallelStep: "parallel",
+    ForEachStep: "forEach",
+    SwitchStep: "switch",
+    TryStep: "try",
+}
+
+
+class InputField(_Model):
+    """One trigger input, JSON-Schema-like."""
+
+    type: Literal["string", "integer", "number", "boolean", "object", "array"] = "string"
+    format: Literal["date", "date-time", "email", "uri"] | None = None
+    required: bool = False
+    default: Any = None
+    enum: list[Any] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str | None = None
+
+
+class Metadata(_Model):
+    name: str = Field(pattern=NAME_RE, max_length=63)
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class FlowSpec(_Model):
+    description: str | None = None
+    initial_state: Literal["started", "stopped"] = Field("started", alias="initialState")
+    inputs: dict[str, InputField] = Field(default_factory=dict)
+    defaults: StepDefaults | None = None
+    steps: list[Step] = Field(min_length=1)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    on_failure: list[Step] | None = Field(None, alias="onFailure")
+
+    @field_validator("inputs")
+    @classmethod
+    def _input_names(cls, value: dict[str, InputField]) -> dict[str, InputField]:
+        for name in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"input name {name!r} must be an identifier")
+        return value
+
+
+class FlowResource(_Model):
+    """A ``kind: Flow`` document."""
+
+    api_version: Literal["orchestrator/v1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["Flow"] = "Flow"
+    metadata: Metadata
+    spec: FlowSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def document(self) -> dict[str, Any]:
+        """The definition as a plain JSON-able dict, defaults left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+
+
+for _cls in (StepBase, TaskStep, SequenceStep, ParallelStep, ForEachStep, SwitchStep, TryStep,
+             SwitchCase, FlowSpec, FlowResource):
+    _cls.model_rebuild()
+
+
+def children(step: AnyStep) -> list[list[AnyStep]]:
+    """The step lists nested directly in a step, each list one sequence."""
+    if isinstance(step, SequenceStep):
+        return [step.steps]
+    if isinstance(step, ParallelStep):
+        return [[b] for b in step.parallel]
+    if isinstance(step, ForEachStep):
+        return [step.do if isinstance(step.do, list) else [step.do]]
+    if isinstance(step, SwitchStep):
+        return [case.steps or case.default or [] for case in step.switch]
+    if isinstance(step, TryStep):
+        return [lst for lst in (step.try_, step.catch, step.finally_) if lst]
+    return []
+
+
+def walk(steps: list[AnyStep]):
+    """Every step in a list and below it (compensations included), depth first."""
+    for s in steps:
+        yield s
+        for lst in children(s):
+            yield from walk(lst)
+        if s.compensate is not None:
+            yield from walk([s.compensate])

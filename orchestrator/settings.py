@@ -1,0 +1,65 @@
+"""All configuration, read once from ``ORCHESTRATOR_*`` environment variables.
+
+No other module reads ``os.environ``: they take a :class:`Settings` (or call
+:func:`get_settings`), so tests and embedded stacks can pass their own.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Process configuration; every field maps to ``ORCHESTRATOR_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery broker; empty means "the same Redis as the state store".
+    broker_url: str = ""
+    #: Celery result backend (chords need one); empty means the state Redis.
+    result_backend: str = ""
+    key_prefix: str = "orch:"
+    #: Comma-separated modules the worker imports so their Celery tasks are registered.
+    task_modules: str = ""
+    #: How long finished runs (and their event logs) are kept, in seconds.
+    retention_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Redis broker: an unacknowledged message is delivered again after this long.
+    #: Every step's hard time limit and retry countdown must stay below it, or a
+    #: step still running would be started a second time (see README "Delivery").
+    visibility_timeout_s: int = Field(default=3600, ge=30)
+    #: Timeout for a step that names none (soft limit, seconds).
+    default_step_timeout_s: float = Field(default=1800.0, gt=0)
+    #: Longest chain of steps sent as one Celery message; a longer sequence is cut
+    #: and its last step enqueues the next segment (keeps messages O(1) in size).
+    chain_segment: int = Field(default=32, ge=2)
+    #: A parallel step with at most this many leaf tasks compiles to a native chord;
+    #: wider ones fan in through a Redis counter.
+    native_chord_max: int = Field(default=64, ge=0)
+    #: forEach publishes its children in pipelined batches of this size.
+    dispatch_batch: int = Field(default=500, ge=1)
+    #: Outputs larger than this many bytes are stored once, outside the run hash.
+    large_output_bytes: int = Field(default=256 * 1024, ge=1024)
+    default_queue: str = "default"
+    worker_prefetch_multiplier: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.broker_url:
+            self.broker_url = self.redis_url
+        if not self.result_backend:
+            self.result_backend = self.redis_url
+        return self
+
+    @property
+    def task_module_list(self) -> list[str]:
+        return [m.strip() for m in self.task_modules.split(",") if m.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

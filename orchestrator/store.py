@@ -1,0 +1,262 @@
+"""Run state in Redis.
+
+Key layout (``P`` is the configured prefix, default ``orch:``; ``{R}`` is a run id in
+braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
+
+=================================  =========================================================
+``P{R}:run``                       hash: the run (``id flow version status inputs outputs
+                                   error created_at started_at finished_at parent ...``),
+                                   each step instance's record ``s:<key>`` (JSON: status,
+                                   attempts, started_at, finished_at, worker, task_id, input,
+                                   error) and output ``o:<key>`` (JSON)
+``P{R}:events``                    stream: the run's audit trail, one JSON field ``e`` each
+``P{R}:fanin:<key>``               set: arrivals at one fan-in (deleted when it fires)
+``Pflows``                         set: deployed flow names
+``Pflow:<name>``                   hash: ``version state deployed_at``
+``Pflowdef:<name>:<version>``      string: the definition document (JSON), immutable
+``Pidem:<flow>:<key>``             string: run id owning an idempotency key (TTL = retention)
+``Pruns`` / ``Pruns:flow:<name>``  sorted sets of run ids by creation time
+``Pruns:active``                   sorted set of runs not yet ended
+``Pruns:status:<status>``          sorted sets of ended runs by end time
+=================================  =========================================================
+
+Each state change of a run is one Lua script (``lua/*.lua``) touching only that run's
+keys; index updates ride in the same pipeline. Indexes may briefly list a run in a
+stale status, so readers check the run hash and drop what does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+import redis
+
+from .settings import Settings
+
+ACTIVE = ("pending", "running", "waiting")
+ENDED = ("succeeded", "failed", "compensated", "cancelled")
+TERMINAL_STEP = ("succeeded", "skipped", "failed", "cancelled", "compensated")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _script(name: str) -> str:
+    return resources.files("orchestrator").joinpath(f"lua/{name}.lua").read_text()
+
+
+class RedisStore:
+    """The orchestrator's only door to Redis state (the broker is Celery's business)."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None):
+        self.settings = settings
+        self.p = settings.key_prefix
+        self.r: redis.Redis = client or redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, health_check_interval=30
+        )
+        self._create = self.r.register_script(_script("create_run"))
+        self._begin = self.r.register_script(_script("begin_step"))
+        self._complete = self.r.register_script(_script("complete_step"))
+        self._end = self.r.register_script(_script("end_run"))
+        self._fanin = self.r.register_script(_script("fanin"))
+
+    def close(self) -> None:
+        self.r.close()
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def run_key(self, run_id: str) -> str:
+        return f"{self.p}{{{run_id}}}:run"
+
+    def events_key(self, run_id: str) -> str:
+        return f"{self.p}{{{run_id}}}:events"
+
+    def fanin_key(self, run_id: str, key: str) -> str:
+        return f"{self.p}{{{run_id}}}:fanin:{key}"
+
+    # -- definitions --------------------------------------------------------------------
+
+    def save_definition(self, name: str, version: str, document: dict[str, Any],
+                        initial_state: str) -> bool:
+        """Store a version (immutable) and make it current; True if the flow is new."""
+        pipe = self.r.pipeline()
+        pipe.set(f"{self.p}flowdef:{name}:{version}", dumps(document), nx=True)
+        pipe.sadd(f"{self.p}flows", name)
+        pipe.hsetnx(f"{self.p}flow:{name}", "state", initial_state)
+        pipe.hset(f"{self.p}flow:{name}", mapping={"version": version,
+                                                    "deployed_at": time.time()})
+        _, _, created, _ = pipe.execute()
+        return bool(created)
+
+    def get_definition(self, name: str, version: str) -> dict[str, Any] | None:
+        raw = self.r.get(f"{self.p}flowdef:{name}:{version}")
+        return json.loads(raw) if raw else None
+
+    def flow_info(self, name: str) -> dict[str, str] | None:
+        info = self.r.hgetall(f"{self.p}flow:{name}")
+        return info or None
+
+    def flow_names(self) -> list[str]:
+        return sorted(self.r.smembers(f"{self.p}flows"))
+
+    def set_flow_state(self, name: str, state: str) -> None:
+        self.r.hset(f"{self.p}flow:{name}", "state", state)
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def claim_idempotency(self, flow: str, key: str, run_id: str) -> str:
+        """The run id that owns ``(flow, key)``: ``run_id`` if it was free."""
+        k = f"{self.p}idem:{flow}:{key}"
+        if self.r.set(k, run_id, nx=True, ex=self.settings.retention_s):
+            return run_id
+        return self.r.get(k) or run_id
+
+    def create_run(self, run: dict[str, Any], event: dict[str, Any]) -> bool:
+        """Store a new run with its first event and index it; False if it already existed."""
+        rid, now = run["id"], run["created_at"]
+        fields: list[Any] = []
+        for k, v in run.items():
+            if v is not None:
+                fields += [k, v if isinstance(v, str | int | float) else dumps(v)]
+        pipe = self.r.pipeline(transaction=False)
+        self._create(keys=[self.run_key(rid), self.events_key(rid)],
+                     args=[dumps(event), *fields], client=pipe)
+        pipe.zadd(f"{self.p}runs", {rid: now})
+        pipe.zadd(f"{self.p}runs:flow:{run['flow']}", {rid: now})
+        pipe.zadd(f"{self.p}runs:active", {rid: now})
+        return bool(pipe.execute()[0])
+
+    def begin_step(self, run_id: str, key: str, task_id: str, mark: bool,
+                   record: dict[str, Any] | None, event: dict[str, Any] | None,
+                   fields: list[str]) -> tuple[str, str | None, dict | None, list[str | None]]:
+        """See ``lua/begin_step.lua``: verdict, run status, step record, the values read."""
+        res = self._begin(
+            keys=[self.run_key(run_id), self.events_key(run_id)],
+            args=[key, task_id, "1" if mark else "0", dumps(record) if record else "",
+                  dumps(event) if event else "", time.time(), *fields],
+        )
+        verdict, status, rec = res[0], res[1], res[2]
+        values = list(res[3:]) + [None] * (len(fields) - len(res) + 3)
+        return verdict, status, (json.loads(rec) if rec else None), values
+
+    def complete_step(self, run_id: str, records: list[tuple[str, dict, Any]],
+                      events: list[dict[str, Any]], final: dict[str, Any] | None = None,
+                      flow: str | None = None) -> str:
+        """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-_NO_OUTPUT)."""
+        args: list[Any] = [len(records)]
+        for key, rec, output in records:
+            args += [key, dumps(rec), "" if output is NO_OUTPUT else dumps(output)]
+        args.append(len(events))
+        args += [dumps(e) for e in events]
+        pipe = self.r.pipeline(transaction=False)
+        if final:
+            status = final["status"]
+            args += [status, self.settings.retention_s]
+            for k, v in final.items():
+                if k != "status":
+                    args += [k, v if isinstance(v, str | int | float) else dumps(v)]
+        else:
+            args += ["", 0]
+        self._complete(keys=[self.run_key(run_id), self.events_key(run_id)], args=args,
+                       client=pipe)
+        if final:
+            self._index_ended(pipe, run_id, final["status"], final.get("finished_at"))
+        return pipe.execute()[0]
+
+    def _index_ended(self, pipe: Any, run_id: str, status: str, at: float | None) -> None:
+        at = at or time.time()
+        pipe.zrem(f"{self.p}runs:active", run_id)
+        pipe.zadd(f"{self.p}runs:status:{status}", {run_id: at})
+        pipe.zremrangebyscore(f"{self.p}runs:status:{status}", "-inf",
+                              at - self.settings.retention_s)
+
+    def move_run(self, run_id: str, expected: tuple[str, ...], status: str,
+                 event: dict[str, Any], fields: dict[str, Any] | None = None) -> str:
+        """Change a run's status if it is in ``expected``; returns the previous status.
+
+        Raises ``redis.ResponseError`` with ``status:<current>`` when it is not.
+        """
+        args: list[Any] = [",".join(expected), status, dumps(event),
+                           self.settings.retention_s if status in ENDED else 0]
+        for k, v in (fields or {}).items():
+            args += [k, v if isinstance(v, str | int | float) else dumps(v)]
+        pipe = self.r.pipeline(transaction=False)
+        self._end(keys=[self.run_key(run_id), self.events_key(run_id)], args=args,
+                  client=pipe)
+        if status in ENDED:
+            self._index_ended(pipe, run_id, status, fields.get("finished_at") if fields else None)
+        else:
+            pipe.zadd(f"{self.p}runs:active", {run_id: time.time()})
+            for s in ENDED:
+                pipe.zrem(f"{self.p}runs:status:{s}", run_id)
+        res = pipe.execute(raise_on_error=False)
+        if isinstance(res[0], Exception):
+            raise res[0]
+        return res[0]
+
+    def fanin(self, run_id: str, key: str, member: str, expected: int) -> bool:
+        """Count an arrival; True for the single caller that completes the fan-in."""
+        return bool(self._fanin(
+            keys=[self.fanin_key(run_id, key), self.run_key(run_id)],
+            args=[member, expected, f"f:{key}", self.settings.retention_s],
+        ))
+
+    def read_fields(self, run_id: str, fields: list[str]) -> list[str | None]:
+        return self.r.hmget(self.run_key(run_id), fields) if fields else []
+
+    def run_hash(self, run_id: str) -> dict[str, str]:
+        return self.r.hgetall(self.run_key(run_id))
+
+    def events(self, run_id: str, after: str = "-", count: int | None = None
+               ) -> list[tuple[str, dict[str, Any]]]:
+        """The run's event log from ``after`` (exclusive if it is an id) onwards."""
+        start = "-" if after == "-" else f"({after}"
+        entries = self.r.xrange(self.events_key(run_id), min=start, count=count)
+        return [(eid, json.loads(fields["e"])) for eid, fields in entries]
+
+    def run_ids(self, flow: str | None = None, status: str | None = None,
+                limit: int = 50) -> list[str]:
+        """Run ids, newest first, filtered by flow and status (checked against the run)."""
+        if status in ENDED:
+            index = f"{self.p}runs:status:{status}"
+        elif status in ACTIVE:
+            index = f"{self.p}runs:active"
+        elif flow:
+            index = f"{self.p}runs:flow:{flow}"
+        else:
+            index = f"{self.p}runs"
+        out: list[str] = []
+        start = 0
+        batch = max(limit * 2, 50)
+        while len(out) < limit:
+            ids = self.r.zrevrange(index, start, start + batch - 1)
+            if not ids:
+                break
+            start += batch
+            pipe = self.r.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hmget(self.run_key(rid), ["flow", "status"])
+            stale = []
+            for rid, (f, s) in zip(ids, pipe.execute(), strict=True):
+                if s is None:
+                    stale.append(rid)
+                elif (flow is None or f == flow) and (status is None or s == status):
+                    out.append(rid)
+                    if len(out) >= limit:
+                        break
+            if stale:
+                self.r.zrem(index, *stale)
+        return out
+
+
+class _NoOutput:
+    def __repr__(self) -> str:
+        return "NO_OUTPUT"
+
+
+#: Marks a record written without an output field (a step that has none yet).
+NO_OUTPUT: Any = _NoOutput()

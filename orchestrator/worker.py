@@ -1,0 +1,14 @@
+"""Celery entry point for workers: ``celery -A orchestrator.worker worker``.
+
+Imports the task modules named in ``ORCHESTRATOR_TASK_MODULES`` so the steps'
+Celery tasks are registered in the worker.
+"""
+
+from __future__ import annotations
+
+from .app import create_app, import_task_modules
+from .settings import get_settings
+
+settings = get_settings()
+app = create_app(settings)
+import_task_modules(settings)

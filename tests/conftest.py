@@ -1,0 +1,221 @@
+"""Shared fixtures: the only place where tests start services.
+
+* One private ``redis-server`` per test session (``redis_server``); never the
+  shared Redis on 6379, never FLUSHALL.
+* Each test module is isolated on that server by its own key prefix and queue
+  names (``orch_env``), since Celery and the run state all live in DB 0.
+* Workers are real ``celery worker`` subprocesses (``worker``, ``worker_factory``).
+
+Integration tests are marked ``@pytest.mark.integration`` (everything under
+``tests/integration/`` is marked automatically); run without them with
+``pytest -m "not integration"`` or ``pytest --skip-integration``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from tests.support import RedisServer, WorkerProcess
+
+# Workers owned by fixtures and not yet torn down; a failing test's report gets
+# the tail of each one's log.
+_LIVE_WORKERS: list[WorkerProcess] = []
+
+
+# -- pytest hooks ------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--skip-integration",
+        action="store_true",
+        default=False,
+        help="skip tests marked 'integration' (those needing redis-server and Celery workers)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "integration: needs a private redis-server and real Celery worker processes",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    integration_dir = config.rootpath / "tests" / "integration"
+    skip = pytest.mark.skip(reason="--skip-integration given")
+    for item in items:
+        if item.path.is_relative_to(integration_dir):
+            item.add_marker(pytest.mark.integration)
+        if config.getoption("--skip-integration") and item.get_closest_marker("integration"):
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    report = yield
+    if report.failed:
+        for w in list(_LIVE_WORKERS):
+            state = "running" if w.running else f"exited {w.returncode}"
+            report.sections.append(
+                (f"worker {w.name} (pid {w.pid}, {state}) log tail", w.log_tail())
+            )
+    return report
+
+
+# -- services ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server (free port, temporary dir) for the whole session."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def orch_env(redis_server: RedisServer, request: pytest.FixtureRequest) -> dict[str, str]:
+    """``ORCHESTRATOR_*`` variables for this test module: own key prefix and queue."""
+    if not redis_server.running:  # a test stopped it and did not restart it
+        redis_server.start(appendonly=redis_server.appendonly)
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "ORCHESTRATOR_REDIS_URL": redis_server.url,
+        "ORCHESTRATOR_KEY_PREFIX": f"t{tag}:",
+        "ORCHESTRATOR_DEFAULT_QUEUE": f"q{tag}",
+        "ORCHESTRATOR_TASK_MODULES": "workers.examples,tests.tasks",
+    }
+
+
+@pytest.fixture(scope="module")
+def settings(orch_env: dict[str, str]):
+    """``orchestrator.settings.Settings`` matching ``orch_env``."""
+    from orchestrator.settings import Settings
+
+    return Settings(**{k.removeprefix("ORCHESTRATOR_").lower(): v for k, v in orch_env.items()})
+
+
+def _start_worker(
+    tmp_path_factory: pytest.TempPathFactory,
+    orch_env: Mapping[str, str],
+    queues: str | Iterable[str],
+    concurrency: int,
+    env: Mapping[str, str] | None,
+    **kwargs: Any,
+) -> WorkerProcess:
+    w = WorkerProcess(
+        queues,
+        env={**orch_env, **(env or {})},
+        concurrency=concurrency,
+        log_dir=tmp_path_factory.mktemp("worker-logs", numbered=True),
+        **kwargs,
+    )
+    _LIVE_WORKERS.append(w)
+    try:
+        w.start()
+    except BaseException:
+        # start() killed it and its error carries the log tail already.
+        _LIVE_WORKERS.remove(w)
+        raise
+    return w
+
+
+def _stop_worker(w: WorkerProcess) -> None:
+    try:
+        w.stop()
+    finally:
+        if w in _LIVE_WORKERS:
+            _LIVE_WORKERS.remove(w)
+
+
+@pytest.fixture(scope="module")
+def worker(
+    orch_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerProcess]:
+    """A started worker (prefork, concurrency 2) on the module's queue and ``<queue>-slow``."""
+    queue = orch_env["ORCHESTRATOR_DEFAULT_QUEUE"]
+    w = _start_worker(
+        tmp_path_factory,
+        orch_env,
+        [queue, f"{queue}-slow"],
+        concurrency=2,
+        env=None,
+        name="worker",
+    )
+    try:
+        yield w
+    finally:
+        _stop_worker(w)
+
+
+@pytest.fixture
+def worker_factory(
+    orch_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start extra workers: ``worker_factory(queues=None, concurrency=2, env=None, **kw)``.
+
+    ``queues`` defaults to the module's default queue; ``env`` is layered over
+    ``orch_env``; other keywords go to :class:`WorkerProcess` (``name``, ``pool``,
+    ``extra_args``, ...). Pass ``start=False`` to get an unstarted worker. Every
+    worker made here is stopped when the test ends.
+    """
+    made: list[WorkerProcess] = []
+
+    def factory(
+        queues: str | Iterable[str] | None = None,
+        concurrency: int = 2,
+        env: Mapping[str, str] | None = None,
+        start: bool = True,
+        **kwargs: Any,
+    ) -> WorkerProcess:
+        queues = queues if queues is not None else orch_env["ORCHESTRATOR_DEFAULT_QUEUE"]
+        kwargs.setdefault("name", "extra")
+        if start:
+            w = _start_worker(tmp_path_factory, orch_env, queues, concurrency, env, **kwargs)
+        else:
+            w = WorkerProcess(
+                queues,
+                env={**orch_env, **(env or {})},
+                concurrency=concurrency,
+                log_dir=tmp_path_factory.mktemp("worker-logs", numbered=True),
+                **kwargs,
+            )
+            _LIVE_WORKERS.append(w)
+        made.append(w)
+        return w
+
+    try:
+        yield factory
+    finally:
+        errors: list[BaseException] = []
+        for w in reversed(made):
+            try:
+                _stop_worker(w)
+            except BaseException as exc:  # stop them all, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    """``orchestrator.client.Client(settings)``, closed after the module."""
+    from orchestrator.client import Client
+
+    c = Client(settings)
+    try:
+        yield c
+    finally:
+        close = getattr(c, "close", None)
+        if callable(close):
+            close()
