@@ -37,10 +37,12 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
-def create_app(settings: Settings | None = None, main: str = "orchestrator") -> Celery:
+def create_app(
+    settings: Settings | None = None, main: str = "orchestrator", set_as_current: bool = True
+) -> Celery:
     """A Celery app wired to the orchestrator's step task."""
     settings = settings or get_settings()
-    app = Celery(main, set_as_current=True)
+    app = Celery(main, set_as_current=set_as_current)
     app.conf.update(celery_config(settings))
     app.conf.orchestrator_settings = settings
     # Registers orchestrator.step on this app (it is a shared task).

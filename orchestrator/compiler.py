@@ -111,8 +111,9 @@ class Plan:
 
     # -- construction -------------------------------------------------------------------
 
-    def _add_block(self, bid: str, steps: list[AnyStep], owner: str | None, role: str,
-                   depth: int) -> Block:
+    def _add_block(
+        self, bid: str, steps: list[AnyStep], owner: str | None, role: str, depth: int
+    ) -> Block:
         block = Block(bid, [s.id for s in steps], owner, role)
         self.blocks[bid] = block
         for pos, step in enumerate(steps):
@@ -142,11 +143,15 @@ class Plan:
         elif isinstance(step, SwitchStep):
             for i, case in enumerate(step.switch):
                 node.refs |= _condition_refs(case.when)
-                self._add_block(f"{sid}/case{i}", case.steps or case.default or [], sid,
-                                "case", depth)
+                self._add_block(
+                    f"{sid}/case{i}", case.steps or case.default or [], sid, "case", depth
+                )
         elif isinstance(step, TryStep):
-            for role, lst in (("try", step.try_), ("catch", step.catch),
-                              ("finally", step.finally_)):
+            for role, lst in (
+                ("try", step.try_),
+                ("catch", step.catch),
+                ("finally", step.finally_),
+            ):
                 if lst:
                     self._add_block(f"{sid}/{role}", lst, sid, role, depth)
         if step.compensate is not None:
@@ -226,8 +231,10 @@ class Plan:
     def scope_end(self, node: Node) -> tuple[Node, Block]:
         """The outermost node reached by climbing sequences from ``node``, and its block."""
         n = node
-        while n.is_last and n.block.owner is not None and self.nodes[n.block.owner].kind == (
-            "sequence"
+        while (
+            n.is_last
+            and n.block.owner is not None
+            and self.nodes[n.block.owner].kind == ("sequence")
         ):
             n = self.nodes[n.block.owner]
         return n, n.block
@@ -310,8 +317,9 @@ class CanvasBuilder:
     def __init__(self, app: Celery, plan: Plan, run_id: str):
         self.app, self.plan, self.run_id = app, plan, run_id
 
-    def signature(self, node: Node, path: tuple[int, ...], tail: bool,
-                  ignore_result: bool = True) -> Signature:
+    def signature(
+        self, node: Node, path: tuple[int, ...], tail: bool, ignore_result: bool = True
+    ) -> Signature:
         opts = {k: v for k, v in node.options.items() if k != "rate_limit"}
         opts["shadow"] = f"{self.plan.name}.{node_key(node.id, path)}"
         opts["ignore_result"] = ignore_result
@@ -375,28 +383,34 @@ def describe(plan: Plan, app: Celery) -> dict[str, Any]:
     steps = {}
     for node in plan.nodes.values():
         r = node.retry
-        entry: dict[str, Any] = {"kind": node.kind, **node.options,
-                                 "static": node.static}
+        entry: dict[str, Any] = {"kind": node.kind, **node.options, "static": node.static}
         if node.kind == "task":
             entry["task"] = node.step.task  # type: ignore[union-attr]
         entry["max_retries"] = (r.max_attempts or 1) - 1
         entry["countdown"] = {
-            "backoff": r.backoff, "initial": r.initial_delay, "max": r.max_delay,
+            "backoff": r.backoff,
+            "initial": r.initial_delay,
+            "max": r.max_delay,
             "jitter": r.jitter,
         }
         entry["on_error"] = node.on_error
         if node.when is not None:
             entry["when"] = node.when
         steps[node.id] = entry
-    return {"flow": plan.name, "version": plan.version, "canvas": canvas_tree(canvas),
-            "steps": steps}
+    return {
+        "flow": plan.name,
+        "version": plan.version,
+        "canvas": canvas_tree(canvas),
+        "steps": steps,
+    }
 
 
 def canvas_tree(sig: Signature) -> Any:
     """A JSON-able view of a canvas: chains, groups and chords with each signature's options."""
     if isinstance(sig, chord):
-        return {"chord": {"header": [canvas_tree(s) for s in sig.tasks],
-                          "body": canvas_tree(sig.body)}}
+        return {
+            "chord": {"header": [canvas_tree(s) for s in sig.tasks], "body": canvas_tree(sig.body)}
+        }
     if isinstance(sig, chain):
         return {"chain": [canvas_tree(s) for s in sig.tasks]}
     if isinstance(sig, group):
@@ -410,16 +424,20 @@ def render_canvas(tree: Any, indent: int = 0) -> str:
     """Canvas as indented text, in Celery's own words."""
     pad = "  " * indent
     if "chain" in tree:
-        return "\n".join([f"{pad}chain("] + [render_canvas(t, indent + 1) for t in tree["chain"]]
-                         + [f"{pad})"])
+        return "\n".join(
+            [f"{pad}chain("] + [render_canvas(t, indent + 1) for t in tree["chain"]] + [f"{pad})"]
+        )
     if "group" in tree:
-        return "\n".join([f"{pad}group("] + [render_canvas(t, indent + 1) for t in tree["group"]]
-                         + [f"{pad})"])
+        return "\n".join(
+            [f"{pad}group("] + [render_canvas(t, indent + 1) for t in tree["group"]] + [f"{pad})"]
+        )
     if "chord" in tree:
         c = tree["chord"]
-        return "\n".join([f"{pad}chord(", f"{pad}  group("]
-                         + [render_canvas(t, indent + 2) for t in c["header"]]
-                         + [f"{pad}  ),", render_canvas(c["body"], indent + 1), f"{pad})"])
+        return "\n".join(
+            [f"{pad}chord(", f"{pad}  group("]
+            + [render_canvas(t, indent + 2) for t in c["header"]]
+            + [f"{pad}  ),", render_canvas(c["body"], indent + 1), f"{pad})"]
+        )
     opts = ", ".join(f"{k}={v!r}" for k, v in tree["options"].items())
     tail = " [tail: continues the run]" if tree["tail"] else ""
     return f"{pad}{tree['task']}.si({tree['step']!r}; {opts}){tail}"

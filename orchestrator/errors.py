@@ -27,8 +27,9 @@ class Problem:
 
     __slots__ = ("file", "line", "path", "message")
 
-    def __init__(self, message: str, file: str | None = None, line: int | None = None,
-                 path: str = ""):
+    def __init__(
+        self, message: str, file: str | None = None, line: int | None = None, path: str = ""
+    ):
         self.file, self.line, self.path, self.message = file, line, path, message
 
     def __str__(self) -> str:

@@ -65,9 +65,10 @@ class Loaded:
         return self.resource.metadata.name
 
 
-def load(paths: str | os.PathLike | Iterable[str | os.PathLike],
-         settings: Settings | None = None) -> list[Loaded]:
-    """Every resource in the given files and folders; raises DefinitionError listing all problems."""
+def load(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], settings: Settings | None = None
+) -> list[Loaded]:
+    """Every resource in the given files and folders; DefinitionError lists all problems."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     try:
@@ -84,14 +85,16 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike],
     return _build(docs, problems, settings)
 
 
-def load_string(text: str, file: str | None = None,
-                settings: Settings | None = None) -> list[Loaded]:
+def load_string(
+    text: str, file: str | None = None, settings: Settings | None = None
+) -> list[Loaded]:
     """Every resource in a YAML/JSON text."""
     return _build(load_text(text, file), [], settings)
 
 
-def _build(docs: list[SourceDoc], problems: list[Problem],
-           settings: Settings | None) -> list[Loaded]:
+def _build(
+    docs: list[SourceDoc], problems: list[Problem], settings: Settings | None
+) -> list[Loaded]:
     out: list[Loaded] = []
     seen: dict[tuple[str, str], SourceDoc] = {}
     for doc in docs:
@@ -101,9 +104,15 @@ def _build(docs: list[SourceDoc], problems: list[Problem],
         ident = (loaded.kind, loaded.name)
         if ident in seen:
             first = seen[ident]
-            problems.append(Problem(
-                f"{loaded.kind} {loaded.name!r} is defined twice (first at "
-                f"{first.file or '<text>'}:{first.line})", doc.file, doc.line, "metadata.name"))
+            problems.append(
+                Problem(
+                    f"{loaded.kind} {loaded.name!r} is defined twice (first at "
+                    f"{first.file or '<text>'}:{first.line})",
+                    doc.file,
+                    doc.line,
+                    "metadata.name",
+                )
+            )
             continue
         seen[ident] = doc
         out.append(loaded)
@@ -112,24 +121,40 @@ def _build(docs: list[SourceDoc], problems: list[Problem],
     return out
 
 
-def parse_document(doc: SourceDoc, problems: list[Problem],
-                   settings: Settings | None = None) -> Loaded | None:
+def parse_document(
+    doc: SourceDoc, problems: list[Problem], settings: Settings | None = None
+) -> Loaded | None:
     """One document to a resource, appending what is wrong to ``problems``."""
     data = doc.data
     if not isinstance(data, dict):
-        problems.append(Problem("expected a mapping (a resource with apiVersion, kind, "
-                                "metadata, spec)", doc.file, doc.line))
+        problems.append(
+            Problem(
+                "expected a mapping (a resource with apiVersion, kind, metadata, spec)",
+                doc.file,
+                doc.line,
+            )
+        )
         return None
     if data.get("apiVersion") != API_VERSION:
-        problems.append(Problem(f"expected apiVersion {API_VERSION!r}, got "
-                                f"{data.get('apiVersion')!r}", doc.file,
-                                doc.line_of(("apiVersion",)), "apiVersion"))
+        problems.append(
+            Problem(
+                f"expected apiVersion {API_VERSION!r}, got {data.get('apiVersion')!r}",
+                doc.file,
+                doc.line_of(("apiVersion",)),
+                "apiVersion",
+            )
+        )
         return None
     model = KINDS.get(data.get("kind"))  # type: ignore[arg-type]
     if model is None:
-        problems.append(Problem(f"expected kind to be one of {', '.join(KINDS)}; got "
-                                f"{data.get('kind')!r}", doc.file, doc.line_of(("kind",)),
-                                "kind"))
+        problems.append(
+            Problem(
+                f"expected kind to be one of {', '.join(KINDS)}; got {data.get('kind')!r}",
+                doc.file,
+                doc.line_of(("kind",)),
+                "kind",
+            )
+        )
         return None
     try:
         resource = model.model_validate(data)
@@ -191,16 +216,22 @@ class _FlowChecker:
             self._refs(spec.outputs, (*base, "outputs"), everything | done, None)
         for name, field in spec.inputs.items():
             if field.required and "default" in field.model_fields_set:
-                self.problems.append(((*base, "inputs", name),
-                                      "an input cannot be both required and have a default"))
+                self.problems.append(
+                    ((*base, "inputs", name), "an input cannot be both required and have a default")
+                )
         self._limits()
 
     def _index(self, steps: list[AnyStep], path: Path, depth: int) -> None:
         for i, step in enumerate(steps):
             p = (*path, i)
             if step.id in self.paths:
-                self.problems.append(((*p, "id"), f"duplicate step id {step.id!r} (first at "
-                                      f"{format_path(self.paths[step.id])})"))
+                self.problems.append(
+                    (
+                        (*p, "id"),
+                        f"duplicate step id {step.id!r} (first at "
+                        f"{format_path(self.paths[step.id])})",
+                    )
+                )
             else:
                 self.paths[step.id] = p
                 self.depth[step.id] = depth
@@ -239,14 +270,14 @@ class _FlowChecker:
             for i, case in enumerate(step.switch):
                 cp = (*path, "switch", i)
                 if (case.default is None) == (case.steps is None):
-                    self.problems.append((cp, "a case has either `when` with `steps`, or "
-                                          "`default`"))
+                    self.problems.append(
+                        (cp, "a case has either `when` with `steps`, or `default`")
+                    )
                     continue
                 if case.default is not None and case.when is not None:
                     self.problems.append(((*cp, "when"), "the default case has no `when`"))
                 if case.steps is not None and case.when is None:
-                    self.problems.append(((*cp, "when"), "a case needs `when` (or use "
-                                          "`default`)"))
+                    self.problems.append(((*cp, "when"), "a case needs `when` (or use `default`)"))
                 if case.when is not None:
                     self._condition(case.when, (*cp, "when"), before, sid)
                 key = "default" if case.default is not None else "steps"
@@ -263,8 +294,7 @@ class _FlowChecker:
             if not step.catch and not step.finally_:
                 self.problems.append((path, "a try step needs `catch`, `finally` or both"))
         if step.compensate is not None:
-            self._step(step.compensate, (*path, "compensate"),
-                       before | {sid} | self._inside(step))
+            self._step(step.compensate, (*path, "compensate"), before | {sid} | self._inside(step))
 
     def _inside(self, step: AnyStep) -> set[str]:
         """Steps nested in ``step`` at its own forEach depth (readable after it ends)."""
@@ -294,21 +324,23 @@ class _FlowChecker:
             return
         self._check_refs(expressions.step_refs(value), path, before, reader)
 
-    def _check_refs(self, refs: set[str], path: Path, before: set[str],
-                    reader: str | None) -> None:
+    def _check_refs(self, refs: set[str], path: Path, before: set[str], reader: str | None) -> None:
         who = f"step {reader!r}" if reader else "the flow's outputs"
         for ref in sorted(refs):
             if ref not in self.paths:
                 known = ", ".join(sorted(self.paths)) or "none"
-                self.problems.append((path, f"{who} refers to unknown step {ref!r} "
-                                      f"(steps: {known})"))
+                self.problems.append(
+                    (path, f"{who} refers to unknown step {ref!r} (steps: {known})")
+                )
             elif ref == reader:
                 self.problems.append((path, f"{who} refers to its own result (a cycle)"))
             elif ref not in before:
-                why = ("it runs inside a forEach body: read the forEach step's output instead"
-                       if self.depth.get(ref, 0) > (self.depth.get(reader, 0) if reader else 0)
-                       else "it does not finish before this step starts (a cycle, a later "
-                       "step, or a parallel branch)")
+                why = (
+                    "it runs inside a forEach body: read the forEach step's output instead"
+                    if self.depth.get(ref, 0) > (self.depth.get(reader, 0) if reader else 0)
+                    else "it does not finish before this step starts (a cycle, a later "
+                    "step, or a parallel branch)"
+                )
                 self.problems.append((path, f"{who} refers to step {ref!r}, but {why}"))
 
     def _limits(self) -> None:
@@ -323,11 +355,15 @@ class _FlowChecker:
             if timeout is None and defaults is not None:
                 timeout = defaults.timeout
             if timeout is not None and hard_time_limit(timeout) >= vt:
-                self.problems.append(((*path, "timeout"),
-                                      f"step {sid!r}: timeout {timeout:g}s reaches the broker's "
-                                      f"visibility timeout ({vt}s); a step still running then "
-                                      "would be delivered again. Raise "
-                                      "ORCHESTRATOR_VISIBILITY_TIMEOUT_S or shorten it"))
+                self.problems.append(
+                    (
+                        (*path, "timeout"),
+                        f"step {sid!r}: timeout {timeout:g}s reaches the broker's "
+                        f"visibility timeout ({vt}s); a step still running then "
+                        "would be delivered again. Raise "
+                        "ORCHESTRATOR_VISIBILITY_TIMEOUT_S or shorten it",
+                    )
+                )
 
     def _find(self, path: Sequence[Any]) -> AnyStep | None:
         node: Any = self.flow
@@ -335,10 +371,19 @@ class _FlowChecker:
             if isinstance(part, int):
                 node = node[part]
             else:
-                attr = {"steps": "steps", "onFailure": "on_failure", "parallel": "parallel",
-                        "do": "do", "switch": "switch", "try": "try_", "catch": "catch",
-                        "finally": "finally_", "default": "default", "compensate": "compensate",
-                        "spec": "spec"}[part]
+                attr = {
+                    "steps": "steps",
+                    "onFailure": "on_failure",
+                    "parallel": "parallel",
+                    "do": "do",
+                    "switch": "switch",
+                    "try": "try_",
+                    "catch": "catch",
+                    "finally": "finally_",
+                    "default": "default",
+                    "compensate": "compensate",
+                    "spec": "spec",
+                }[part]
                 node = getattr(node, attr)
         return node
 

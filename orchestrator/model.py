@@ -255,11 +255,22 @@ class FlowResource(_Model):
 
     def document(self) -> dict[str, Any]:
         """The definition as a plain JSON-able dict, defaults left out."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        body = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        return {"apiVersion": self.api_version, "kind": self.kind, **body}
 
 
-for _cls in (StepBase, TaskStep, SequenceStep, ParallelStep, ForEachStep, SwitchStep, TryStep,
-             SwitchCase, FlowSpec, FlowResource):
+for _cls in (
+    StepBase,
+    TaskStep,
+    SequenceStep,
+    ParallelStep,
+    ForEachStep,
+    SwitchStep,
+    TryStep,
+    SwitchCase,
+    FlowSpec,
+    FlowResource,
+):
     _cls.model_rebuild()
 
 

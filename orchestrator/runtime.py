@@ -107,8 +107,16 @@ def engine_for(app: Celery) -> Engine:
 
 
 @shared_task(name=STEP_TASK, bind=True)
-def step_task(self: Task, run_id: str, flow: str, version: str, node_id: str,
-              path: list[int], tail: bool, deferred: int = 0) -> None:
+def step_task(
+    self: Task,
+    run_id: str,
+    flow: str,
+    version: str,
+    node_id: str,
+    path: list[int],
+    tail: bool,
+    deferred: int = 0,
+) -> None:
     """Execute one step of a run (see the module docstring)."""
     eng = engine_for(self.app)
     plan = eng.plan(flow, version)
@@ -118,8 +126,17 @@ def step_task(self: Task, run_id: str, flow: str, version: str, node_id: str,
 class Execution:
     """One delivery of one step message."""
 
-    def __init__(self, eng: Engine, task: Task, plan: Plan, node: Node, run_id: str,
-                 path: tuple[int, ...], tail: bool, deferred: int):
+    def __init__(
+        self,
+        eng: Engine,
+        task: Task,
+        plan: Plan,
+        node: Node,
+        run_id: str,
+        path: tuple[int, ...],
+        tail: bool,
+        deferred: int,
+    ):
         self.eng, self.store, self.task, self.plan = eng, eng.store, task, plan
         self.node, self.run_id, self.path, self.tail = node, run_id, path, tail
         self.key = node_key(node.id, path)
@@ -197,19 +214,30 @@ class Execution:
     # -- records --------------------------------------------------------------------------
 
     def _running_record(self) -> dict[str, Any]:
-        return {"status": "running", "attempts": self.attempt, "started_at": self.started_at,
-                "worker": self.worker, "task_id": self.task_id}
+        return {
+            "status": "running",
+            "attempts": self.attempt,
+            "started_at": self.started_at,
+            "worker": self.worker,
+            "task_id": self.task_id,
+        }
 
     def _event(self, type_: str, key: str | None = None, **data: Any) -> dict[str, Any]:
-        e = {"ts": time.time(), "type": type_, "step": key or self.key}
+        e = {"ts": time.time(), "type": type_, "step": self.key if key is None else key}
         if type_ == "step.started":
             e.update(attempt=self.attempt, worker=self.worker)
         e.update({k: v for k, v in data.items() if v is not None})
         return e
 
     def _record(self, status: str, **extra: Any) -> dict[str, Any]:
-        rec = {"status": status, "attempts": self.attempt, "started_at": self.started_at,
-               "finished_at": time.time(), "worker": self.worker, "task_id": self.task_id}
+        rec = {
+            "status": status,
+            "attempts": self.attempt,
+            "started_at": self.started_at,
+            "finished_at": time.time(),
+            "worker": self.worker,
+            "task_id": self.task_id,
+        }
         rec.update({k: v for k, v in extra.items() if v is not None})
         return rec
 
@@ -282,16 +310,17 @@ class Execution:
             self._failed(PermanentError(str(exc)), None, ctx)
             return False
         if not go:
-            skipped = [(node_key(d.id, self.path), self._record("skipped"), NO_OUTPUT)
-                       for d in self.plan.descendants(self.node)]
+            skipped = [
+                (node_key(d.id, self.path), self._record("skipped"), NO_OUTPUT)
+                for d in self.plan.descendants(self.node)
+            ]
             self._finish("skipped", None, ctx, extra=skipped)
             return False
         return not self._stop(self._begin(mark=True, fields=[]))
 
     def _branch_outputs(self, ctx: dict[str, Any]) -> dict[str, Any]:
         steps = ctx["steps"]
-        return {b.id: steps.get(b.id, {}).get("output")
-                for b in self.node.step.parallel}  # type: ignore[union-attr]
+        return {b.id: steps.get(b.id, {}).get("output") for b in self.node.step.parallel}  # type: ignore[union-attr]
 
     # -- calling the user's task ----------------------------------------------------------
 
@@ -308,8 +337,12 @@ class Execution:
                 # Run it as Celery would, with a request that says which step it serves.
                 _task_stack.push(task)
                 task.push_request(
-                    id=ctx.idempotency_key, args=[], kwargs=kwargs, retries=self.attempt - 1,
-                    hostname=self.task.request.hostname, is_eager=False,
+                    id=ctx.idempotency_key,
+                    args=[],
+                    kwargs=kwargs,
+                    retries=self.attempt - 1,
+                    hostname=self.task.request.hostname,
+                    is_eager=False,
                     delivery_info=self.task.request.delivery_info,
                     headers={"orchestrator": {"run_id": self.run_id, "step": self.key}},
                 )
@@ -336,8 +369,9 @@ class Execution:
         wait = self.store_rate(rate)
         if wait <= 0:
             return True
-        raise self.task.retry(countdown=wait, max_retries=None,
-                              kwargs={"deferred": self.deferred + 1})
+        raise self.task.retry(
+            countdown=wait, max_retries=None, kwargs={"deferred": self.deferred + 1}
+        )
 
     def store_rate(self, rate: str) -> float:
         count, unit = rate.split("/")
@@ -367,13 +401,24 @@ class Execution:
             raise Ignore()
         return True
 
-    def _finish(self, status: str, output: Any, ctx: dict[str, Any] | None = None,
-                error: dict | None = None, extra: list | None = None,
-                input: Any = None) -> None:
+    def _finish(
+        self,
+        status: str,
+        output: Any,
+        ctx: dict[str, Any] | None = None,
+        error: dict | None = None,
+        extra: list | None = None,
+        input: Any = None,
+    ) -> None:
         """Record the step's end, the sequences it closes and maybe the run's; then continue."""
         node, path = self.node, self.path
-        records = [(self.key, self._record(status, error=error, input=input),
-                    output if status != "skipped" else NO_OUTPUT)]
+        records = [
+            (
+                self.key,
+                self._record(status, error=error, input=input),
+                output if status != "skipped" else NO_OUTPUT,
+            )
+        ]
         records += extra or []
         events = [self._event(f"step.{status}", error=error)]
         for seq in self.plan.completed_sequences(node):
@@ -383,20 +428,22 @@ class Execution:
         final = None
         if self.tail and self.plan.is_final(node):
             final = self._final(ctx, node.id, status, output)
-            events.append(self._event(f"run.{final['status']}", key="",
-                                      error=final.get("error")))
+            events.append(self._event(f"run.{final['status']}", key="", error=final.get("error")))
         res = self.store.complete_step(self.run_id, records, events, final)
         if res == "ok" and self.tail and final is None:
             self._advance()
 
-    def _final(self, ctx: dict[str, Any] | None, last: str, status: str,
-               output: Any) -> dict[str, Any]:
+    def _final(
+        self, ctx: dict[str, Any] | None, last: str, status: str, output: Any
+    ) -> dict[str, Any]:
         """The run's outcome once its last step ended: outputs rendered from step outputs."""
-        if ctx is None or any(f"s:{self._ref_key(s)}" not in self.values
-                              for s in self.plan.output_refs):
+        if ctx is None or any(
+            f"s:{self._ref_key(s)}" not in self.values for s in self.plan.output_refs
+        ):
             fields = self._fields(set(), final=True)
-            self.values.update(zip(fields, self.store.read_fields(self.run_id, fields),
-                                   strict=True))
+            self.values.update(
+                zip(fields, self.store.read_fields(self.run_id, fields), strict=True)
+            )
             ctx = self._context()
         steps = ctx["steps"]
         prev = steps.get(last, {})
@@ -407,8 +454,11 @@ class Execution:
         try:
             outputs = expressions.render(self.plan.resource.spec.outputs, ctx)
         except ExpressionError as exc:
-            return {"status": "failed", "finished_at": now,
-                    "error": {"type": "OutputError", "message": f"outputs: {exc}", "step": None}}
+            return {
+                "status": "failed",
+                "finished_at": now,
+                "error": {"type": "OutputError", "message": f"outputs: {exc}", "step": None},
+            }
         return {"status": "succeeded", "outputs": outputs, "finished_at": now}
 
     def _failed(self, exc: BaseException, kwargs: Any, ctx: dict[str, Any] | None) -> None:
@@ -424,13 +474,15 @@ class Execution:
             rec = self._record("retrying", error=error, input=kwargs)
             rec.pop("finished_at", None)
             res = self.store.complete_step(
-                self.run_id, [(self.key, rec, NO_OUTPUT)],
+                self.run_id,
+                [(self.key, rec, NO_OUTPUT)],
                 [self._event("step.retrying", error=error, delay=delay)],
             )
             if res != "ok":
                 raise Ignore()
-            raise self.task.retry(countdown=delay, max_retries=None, exc=exc,
-                                  kwargs={"deferred": self.deferred})
+            raise self.task.retry(
+                countdown=delay, max_retries=None, exc=exc, kwargs={"deferred": self.deferred}
+            )
         if self.node.on_error == "continue":
             self._finish("failed", None, ctx, error=error, input=kwargs)
             return
@@ -440,9 +492,12 @@ class Execution:
         error = error_info(exc, self.key)
         final = {"status": "failed", "error": error, "finished_at": time.time()}
         self.store.complete_step(
-            self.run_id, [(self.key, self._record("failed", error=error, input=kwargs), None)],
-            [self._event("step.failed", error=error),
-             self._event("run.failed", key="", error=error)],
+            self.run_id,
+            [(self.key, self._record("failed", error=error, input=kwargs), None)],
+            [
+                self._event("step.failed", error=error),
+                self._event("run.failed", key="", error=error),
+            ],
             final,
         )
         raise StepError(f"{error['type']}: {error['message']}")
@@ -465,12 +520,12 @@ class Execution:
             if owner.kind != "parallel":
                 return
             branches = owner.step.parallel  # type: ignore[union-attr]
-            if not self.store.fanin(self.run_id, node_key(owner.id, path), end.id,
-                                    len(branches)):
+            if not self.store.fanin(self.run_id, node_key(owner.id, path), end.id, len(branches)):
                 return
             # This was the last branch: end the parallel step, then continue after it.
-            self.__class__(self.eng, self.task, self.plan, owner, self.run_id, path, True,
-                           self.deferred)._join_runtime()
+            self.__class__(
+                self.eng, self.task, self.plan, owner, self.run_id, path, True, self.deferred
+            )._join_runtime()
             return
 
     def _join_runtime(self) -> None:

@@ -80,15 +80,15 @@ class RedisStore:
 
     # -- definitions --------------------------------------------------------------------
 
-    def save_definition(self, name: str, version: str, document: dict[str, Any],
-                        initial_state: str) -> bool:
+    def save_definition(
+        self, name: str, version: str, document: dict[str, Any], initial_state: str
+    ) -> bool:
         """Store a version (immutable) and make it current; True if the flow is new."""
         pipe = self.r.pipeline()
         pipe.set(f"{self.p}flowdef:{name}:{version}", dumps(document), nx=True)
         pipe.sadd(f"{self.p}flows", name)
         pipe.hsetnx(f"{self.p}flow:{name}", "state", initial_state)
-        pipe.hset(f"{self.p}flow:{name}", mapping={"version": version,
-                                                    "deployed_at": time.time()})
+        pipe.hset(f"{self.p}flow:{name}", mapping={"version": version, "deployed_at": time.time()})
         _, _, created, _ = pipe.execute()
         return bool(created)
 
@@ -123,29 +123,51 @@ class RedisStore:
             if v is not None:
                 fields += [k, v if isinstance(v, str | int | float) else dumps(v)]
         pipe = self.r.pipeline(transaction=False)
-        self._create(keys=[self.run_key(rid), self.events_key(rid)],
-                     args=[dumps(event), *fields], client=pipe)
+        self._create(
+            keys=[self.run_key(rid), self.events_key(rid)],
+            args=[dumps(event), *fields],
+            client=pipe,
+        )
         pipe.zadd(f"{self.p}runs", {rid: now})
         pipe.zadd(f"{self.p}runs:flow:{run['flow']}", {rid: now})
         pipe.zadd(f"{self.p}runs:active", {rid: now})
         return bool(pipe.execute()[0])
 
-    def begin_step(self, run_id: str, key: str, task_id: str, mark: bool,
-                   record: dict[str, Any] | None, event: dict[str, Any] | None,
-                   fields: list[str]) -> tuple[str, str | None, dict | None, list[str | None]]:
+    def begin_step(
+        self,
+        run_id: str,
+        key: str,
+        task_id: str,
+        mark: bool,
+        record: dict[str, Any] | None,
+        event: dict[str, Any] | None,
+        fields: list[str],
+    ) -> tuple[str, str | None, dict | None, list[str | None]]:
         """See ``lua/begin_step.lua``: verdict, run status, step record, the values read."""
         res = self._begin(
             keys=[self.run_key(run_id), self.events_key(run_id)],
-            args=[key, task_id, "1" if mark else "0", dumps(record) if record else "",
-                  dumps(event) if event else "", time.time(), *fields],
+            args=[
+                key,
+                task_id,
+                "1" if mark else "0",
+                dumps(record) if record else "",
+                dumps(event) if event else "",
+                time.time(),
+                *fields,
+            ],
         )
         verdict, status, rec = res[0], res[1], res[2]
         values = list(res[3:]) + [None] * (len(fields) - len(res) + 3)
         return verdict, status, (json.loads(rec) if rec else None), values
 
-    def complete_step(self, run_id: str, records: list[tuple[str, dict, Any]],
-                      events: list[dict[str, Any]], final: dict[str, Any] | None = None,
-                      flow: str | None = None) -> str:
+    def complete_step(
+        self,
+        run_id: str,
+        records: list[tuple[str, dict, Any]],
+        events: list[dict[str, Any]],
+        final: dict[str, Any] | None = None,
+        flow: str | None = None,
+    ) -> str:
         """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-_NO_OUTPUT)."""
         args: list[Any] = [len(records)]
         for key, rec, output in records:
@@ -161,8 +183,7 @@ class RedisStore:
                     args += [k, v if isinstance(v, str | int | float) else dumps(v)]
         else:
             args += ["", 0]
-        self._complete(keys=[self.run_key(run_id), self.events_key(run_id)], args=args,
-                       client=pipe)
+        self._complete(keys=[self.run_key(run_id), self.events_key(run_id)], args=args, client=pipe)
         if final:
             self._index_ended(pipe, run_id, final["status"], final.get("finished_at"))
         return pipe.execute()[0]
@@ -171,22 +192,32 @@ class RedisStore:
         at = at or time.time()
         pipe.zrem(f"{self.p}runs:active", run_id)
         pipe.zadd(f"{self.p}runs:status:{status}", {run_id: at})
-        pipe.zremrangebyscore(f"{self.p}runs:status:{status}", "-inf",
-                              at - self.settings.retention_s)
+        pipe.zremrangebyscore(
+            f"{self.p}runs:status:{status}", "-inf", at - self.settings.retention_s
+        )
 
-    def move_run(self, run_id: str, expected: tuple[str, ...], status: str,
-                 event: dict[str, Any], fields: dict[str, Any] | None = None) -> str:
+    def move_run(
+        self,
+        run_id: str,
+        expected: tuple[str, ...],
+        status: str,
+        event: dict[str, Any],
+        fields: dict[str, Any] | None = None,
+    ) -> str:
         """Change a run's status if it is in ``expected``; returns the previous status.
 
         Raises ``redis.ResponseError`` with ``status:<current>`` when it is not.
         """
-        args: list[Any] = [",".join(expected), status, dumps(event),
-                           self.settings.retention_s if status in ENDED else 0]
+        args: list[Any] = [
+            ",".join(expected),
+            status,
+            dumps(event),
+            self.settings.retention_s if status in ENDED else 0,
+        ]
         for k, v in (fields or {}).items():
             args += [k, v if isinstance(v, str | int | float) else dumps(v)]
         pipe = self.r.pipeline(transaction=False)
-        self._end(keys=[self.run_key(run_id), self.events_key(run_id)], args=args,
-                  client=pipe)
+        self._end(keys=[self.run_key(run_id), self.events_key(run_id)], args=args, client=pipe)
         if status in ENDED:
             self._index_ended(pipe, run_id, status, fields.get("finished_at") if fields else None)
         else:
@@ -200,10 +231,12 @@ class RedisStore:
 
     def fanin(self, run_id: str, key: str, member: str, expected: int) -> bool:
         """Count an arrival; True for the single caller that completes the fan-in."""
-        return bool(self._fanin(
-            keys=[self.fanin_key(run_id, key), self.run_key(run_id)],
-            args=[member, expected, f"f:{key}", self.settings.retention_s],
-        ))
+        return bool(
+            self._fanin(
+                keys=[self.fanin_key(run_id, key), self.run_key(run_id)],
+                args=[member, expected, f"f:{key}", self.settings.retention_s],
+            )
+        )
 
     def read_fields(self, run_id: str, fields: list[str]) -> list[str | None]:
         return self.r.hmget(self.run_key(run_id), fields) if fields else []
@@ -211,15 +244,17 @@ class RedisStore:
     def run_hash(self, run_id: str) -> dict[str, str]:
         return self.r.hgetall(self.run_key(run_id))
 
-    def events(self, run_id: str, after: str = "-", count: int | None = None
-               ) -> list[tuple[str, dict[str, Any]]]:
+    def events(
+        self, run_id: str, after: str = "-", count: int | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
         """The run's event log from ``after`` (exclusive if it is an id) onwards."""
         start = "-" if after == "-" else f"({after}"
         entries = self.r.xrange(self.events_key(run_id), min=start, count=count)
         return [(eid, json.loads(fields["e"])) for eid, fields in entries]
 
-    def run_ids(self, flow: str | None = None, status: str | None = None,
-                limit: int = 50) -> list[str]:
+    def run_ids(
+        self, flow: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[str]:
         """Run ids, newest first, filtered by flow and status (checked against the run)."""
         if status in ENDED:
             index = f"{self.p}runs:status:{status}"
