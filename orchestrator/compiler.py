@@ -26,7 +26,7 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery, chain, chord, group
-from celery.canvas import Signature
+from celery.canvas import Signature, _chain
 
 from . import expressions
 from .model import (
@@ -411,7 +411,7 @@ def canvas_tree(sig: Signature) -> Any:
         return {
             "chord": {"header": [canvas_tree(s) for s in sig.tasks], "body": canvas_tree(sig.body)}
         }
-    if isinstance(sig, chain):
+    if isinstance(sig, _chain):  # chain(...) builds a _chain, not a chain instance
         return {"chain": [canvas_tree(s) for s in sig.tasks]}
     if isinstance(sig, group):
         return {"group": [canvas_tree(s) for s in sig.tasks]}
