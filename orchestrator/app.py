@@ -11,6 +11,9 @@ from .settings import Settings, get_settings
 
 def celery_config(settings: Settings) -> dict:
     """Celery settings derived from ours; the reasons are in the README ("Delivery")."""
+    transport_options: dict = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.celery_key_prefix:
+        transport_options["global_keyprefix"] = settings.celery_key_prefix
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
@@ -27,8 +30,8 @@ def celery_config(settings: Settings) -> dict:
         # Redis has no real acks: an unacked message is redelivered after the
         # visibility timeout. It must exceed every step's hard time limit and every
         # retry countdown (the loader checks the definitions against it).
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": dict(transport_options),
         "result_expires": 24 * 3600,
         "task_default_queue": settings.default_queue,
         "broker_connection_retry_on_startup": True,

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Celery
 
 from .app import create_app
-from .compiler import CanvasBuilder, Plan
-from .errors import FlowStopped, NotFound, RunFailed
+from .compiler import Block, CanvasBuilder, Plan, node_key
+from .errors import FlowStopped, InvalidState, NotFound, RunFailed
 from .inputs import validate_inputs
 from .loader import Loaded, load, load_string, validate_flow, version_of
 from .model import FlowResource
+from .runtime import notify_parent, start_run
 from .settings import Settings
-from .store import ENDED, RedisStore
+from .store import ACTIVE, ENDED, RedisStore
 
 if TYPE_CHECKING:
     from .dsl import Flow
@@ -193,54 +195,83 @@ class Client:
             )
         plan = self.plan(flow, info["version"])
         values = validate_inputs(plan.resource.spec.inputs, inputs)
-        run_id = new_run_id()
-        if idempotency_key is not None:
-            owner = self.store.claim_idempotency(flow, idempotency_key, run_id)
-            if owner != run_id:
-                try:
-                    return self.get(owner)
-                except NotFound:
-                    run_id = owner  # claimed, but its creator died before creating it
+        run_id = start_run(self.store, self.app, plan, values, idempotency_key)
+        return self.get(run_id)
+
+    def cancel(self, run_id: str) -> Run:
+        """Stop a run: no new step starts, running step tasks are revoked, children cancelled."""
         now = time.time()
-        record = {
-            "id": run_id,
-            "flow": flow,
-            "version": plan.version,
-            "status": "pending",
-            "inputs": values,
-            "created_at": now,
-            "idempotency_key": idempotency_key,
-        }
-        event = {"ts": now, "type": "run.created", "step": "", "version": plan.version}
-        if not self.store.create_run(record, event):
-            return self.get(run_id)
-        canvas = CanvasBuilder(self.app, plan, run_id).from_node(plan.first(plan.top))
         try:
-            canvas.apply_async()
-        except Exception as exc:
-            error = {
-                "type": type(exc).__name__,
-                "message": f"could not publish: {exc}",
-                "step": None,
-            }
             self.store.move_run(
                 run_id,
-                ("pending",),
-                "failed",
-                {"ts": time.time(), "type": "run.failed", "step": "", "error": error},
-                {"error": error, "finished_at": time.time()},
+                ACTIVE,
+                "cancelled",
+                {"ts": now, "type": "run.cancelled", "step": ""},
+                {"finished_at": now},
             )
-            raise
-        return Run(
-            run_id,
-            flow,
-            plan.version,
-            "pending",
-            values,
-            created_at=now,
-            idempotency_key=idempotency_key,
-            _client=self,
+        except redis.ResponseError as exc:
+            raise self._state_error(run_id, exc, "cancel") from None
+        records = self.store.step_records(run_id)
+        running = {k: r for k, r in records.items() if r.get("status") in ("running", "retrying")}
+        task_ids = [r["task_id"] for r in running.values() if r.get("task_id")]
+        if task_ids:
+            self.app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
+        for rec in running.values():
+            rec.update(status="cancelled", finished_at=now)
+        if running:
+            self.store.set_fields(run_id, {f"s:{k}": r for k, r in running.items()})
+        raw = self.store.run_hash(run_id)
+        for name, child in raw.items():
+            if name.startswith("c:"):
+                with contextlib.suppress(InvalidState, NotFound):
+                    self.cancel(child)
+        if raw.get("parent"):
+            notify_parent(self.app, json.loads(raw["parent"]), run_id)
+        return self.get(run_id)
+
+    def retry(self, run_id: str) -> Run:
+        """Restart a failed run from its failed step, reusing what had succeeded."""
+        run = self.get(run_id)
+        if run.status != "failed":
+            raise InvalidState(f"run {run_id} is {run.status}; only a failed run can be retried")
+        plan = self.plan(run.flow, run.version)
+        raw = self.store.run_hash(run_id)
+        recovery = json.loads(raw.get("recovery") or "[]")
+        comp_keys = [
+            f"s:{node_key(plan.first(plan.blocks[f'{s}/compensate']).id, tuple(p))}"
+            for s, p in recovery
+        ]
+        if any(raw.get(k) and json.loads(raw[k]).get("status") == "succeeded" for k in comp_keys):
+            raise InvalidState(f"run {run_id} was compensated; trigger a new run instead")
+        redo = [k for k, st in run.steps.items() if st.status not in ("succeeded", "skipped")]
+        redo += [k[2:] for k in comp_keys if raw.get(k)]
+        if plan.on_failure is not None:
+            redo += [k for k in run.steps if k.split("[")[0] in _block_ids(plan, plan.on_failure)]
+        start = next(
+            (plan.nodes[i] for i in plan.top.items if i in redo or i not in run.steps), None
         )
+        if start is None:
+            raise InvalidState(f"run {run_id} has no failed step to restart from")
+        fields = ["recovery", "phase", "error", "outputs", "finished_at"]
+        for key in set(redo):
+            fields += [f"{p}:{key}" for p in ("s", "o", "f", "n", "c", "e", "pe")]
+            self.store.r.delete(self.store.fanin_key(run_id, key))
+        self.store.delete_fields(run_id, fields)
+        self.store.r.delete(self.store.comp_key(run_id))
+        self.store.move_run(
+            run_id,
+            ("failed",),
+            "running",
+            {"ts": time.time(), "type": "run.retried", "step": start.id},
+        )
+        CanvasBuilder(self.app, plan, run_id).from_node(start).apply_async()
+        return self.get(run_id)
+
+    def _state_error(self, run_id: str, exc: Exception, what: str) -> Exception:
+        msg = str(exc)
+        if msg == "missing":
+            return NotFound(f"run {run_id!r} does not exist")
+        return InvalidState(f"cannot {what} run {run_id}: it is {msg.removeprefix('status:')}")
 
     def get(self, run_id: str) -> Run:
         raw = self.store.run_hash(run_id)
@@ -328,6 +359,9 @@ class Client:
             delay = min(delay * 2, poll)
 
 
-def new_run_id() -> str:
-    """Sortable by creation time (millisecond hex prefix), 64 random bits after it."""
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(8)}"
+def _block_ids(plan: Plan, block: Block) -> set[str]:
+    out = set()
+    for i in block.items:
+        out.add(i)
+        out |= {d.id for d in plan.descendants(plan.nodes[i])}
+    return out

@@ -37,6 +37,7 @@ from .model import (
     RetryPolicy,
     SequenceStep,
     StepDefaults,
+    SubflowStep,
     SwitchStep,
     TaskStep,
     TryStep,
@@ -77,6 +78,8 @@ class Node:
     on_error: str = "fail"
     refs: set[str] = field(default_factory=set)
     static: bool = False  # may be laid out as plain canvas (no runtime decisions)
+    foreach_owner: str | None = None  # innermost forEach whose body holds it (item, index)
+    catch_owner: str | None = None  # innermost try whose catch holds it (error)
 
     @property
     def when(self) -> str | bool | None:
@@ -106,6 +109,7 @@ class Plan:
             else None
         )
         self.output_refs = expressions.step_refs(spec.outputs)
+        self.compensable = {n.id for n in self.nodes.values() if n.step.compensate is not None}
         for node in self.nodes.values():
             node.static = self._is_static(node)
 
@@ -129,7 +133,7 @@ class Plan:
         node.refs = _condition_refs(step.when)
         self.nodes[step.id] = node
         sid = step.id
-        if isinstance(step, TaskStep):
+        if isinstance(step, TaskStep | SubflowStep):
             node.refs |= expressions.step_refs(step.with_)
         elif isinstance(step, SequenceStep):
             self._add_block(f"{sid}/body", step.steps, sid, "body", depth)
@@ -314,8 +318,9 @@ def node_key(node_id: str, path: tuple[int, ...] | list[int] = ()) -> str:
 class CanvasBuilder:
     """Lays out a stretch of a plan as Celery canvas for one run."""
 
-    def __init__(self, app: Celery, plan: Plan, run_id: str):
+    def __init__(self, app: Celery, plan: Plan, run_id: str, kwargs: dict[str, Any] | None = None):
         self.app, self.plan, self.run_id = app, plan, run_id
+        self.kwargs = kwargs or {}  # e.g. the recovery phase, carried by every signature
 
     def signature(
         self, node: Node, path: tuple[int, ...], tail: bool, ignore_result: bool = True
@@ -326,6 +331,7 @@ class CanvasBuilder:
         return self.app.signature(
             STEP_TASK,
             args=(self.run_id, self.plan.name, self.plan.version, node.id, list(path), tail),
+            kwargs=dict(self.kwargs),
             immutable=True,
             **opts,
         )

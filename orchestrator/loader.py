@@ -30,6 +30,7 @@ from .model import (
     ForEachStep,
     ParallelStep,
     SequenceStep,
+    SubflowStep,
     SwitchStep,
     TaskStep,
     TryStep,
@@ -251,7 +252,7 @@ class _FlowChecker:
         sid = step.id
         if step.when is not None:
             self._condition(step.when, (*path, "when"), before, sid)
-        if isinstance(step, TaskStep):
+        if isinstance(step, TaskStep | SubflowStep):
             self._refs(step.with_, (*path, "with"), before, sid)
         elif isinstance(step, SequenceStep):
             self._block(step.steps, (*path, "steps"), before)

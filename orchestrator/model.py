@@ -156,9 +156,17 @@ class TryStep(StepBase):
     finally_: list[Step] | None = Field(None, alias="finally")
 
 
+class SubflowStep(StepBase):
+    """Run another flow as a child run and wait for it; the output is the child's outputs."""
+
+    flow: str = Field(pattern=NAME_RE, max_length=63)
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+
 #: The key whose presence says what kind a step is, in the order they are tried.
 STEP_KINDS: dict[str, str] = {
     "task": "task",
+    "flow": "subflow",
     "parallel": "parallel",
     "forEach": "forEach",
     "switch": "switch",
@@ -183,7 +191,8 @@ Step = Annotated[
     | Annotated[ParallelStep, Tag("parallel")]
     | Annotated[ForEachStep, Tag("forEach")]
     | Annotated[SwitchStep, Tag("switch")]
-    | Annotated[TryStep, Tag("try")],
+    | Annotated[TryStep, Tag("try")]
+    | Annotated[SubflowStep, Tag("subflow")],
     Discriminator(
         step_kind,
         custom_error_type="step_kind",
@@ -192,7 +201,7 @@ Step = Annotated[
         ),
     ),
 ]
-AnyStep = TaskStep | SequenceStep | ParallelStep | ForEachStep | SwitchStep | TryStep
+AnyStep = TaskStep | SequenceStep | ParallelStep | ForEachStep | SwitchStep | TryStep | SubflowStep
 
 _KIND_OF_CLASS: dict[type, str] = {
     TaskStep: "task",
@@ -201,6 +210,7 @@ _KIND_OF_CLASS: dict[type, str] = {
     ForEachStep: "forEach",
     SwitchStep: "switch",
     TryStep: "try",
+    SubflowStep: "subflow",
 }
 
 

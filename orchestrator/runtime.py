@@ -17,8 +17,10 @@ itself deduplicated downstream.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import os
+import secrets
 import time
 import traceback
 from collections.abc import Iterator
@@ -26,13 +28,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery, Task, shared_task
 from celery._state import _task_stack
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from . import expressions
 from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, node_key, retry_countdown
-from .errors import ExpressionError, StepError
+from .errors import ExpressionError, OrchestratorError, StepError
 from .model import FlowResource
 from .settings import Settings
 from .store import NO_OUTPUT, RedisStore
@@ -116,15 +119,27 @@ def step_task(
     path: list[int],
     tail: bool,
     deferred: int = 0,
+    phase: str | None = None,
+    rindex: int = 0,
+    resume: str | None = None,
 ) -> None:
     """Execute one step of a run (see the module docstring)."""
     eng = engine_for(self.app)
     plan = eng.plan(flow, version)
-    Execution(eng, self, plan, plan.nodes[node_id], run_id, tuple(path), tail, deferred).run()
+    x = Execution(eng, self, plan, plan.nodes[node_id], run_id, tuple(path), tail)
+    x.deferred, x.phase, x.rindex = deferred, phase, rindex
+    x.attempt = (self.request.retries or 0) + 1 - deferred
+    if resume is not None:
+        x.resume_subflow(resume)
+    else:
+        x.run()
+
+
+_READ = object()  # "the output is not at hand: read it from the store"
 
 
 class Execution:
-    """One delivery of one step message."""
+    """One delivery of one step message (or the end of a step group it completes)."""
 
     def __init__(
         self,
@@ -135,31 +150,54 @@ class Execution:
         run_id: str,
         path: tuple[int, ...],
         tail: bool,
-        deferred: int,
     ):
         self.eng, self.store, self.task, self.plan = eng, eng.store, task, plan
         self.node, self.run_id, self.path, self.tail = node, run_id, path, tail
         self.key = node_key(node.id, path)
-        self.deferred = deferred
+        self.deferred, self.phase, self.rindex = 0, None, 0
         req = task.request
-        self.attempt = (req.retries or 0) + 1 - deferred
+        self.attempt = (req.retries or 0) + 1
         self.task_id = req.id or ""
         self.worker = f"{req.hostname or 'local'}:{os.getpid()}"
         self.started_at = time.time()
         self.values: dict[str, Any] = {}
 
+    def _for(self, node: Node, path: tuple[int, ...]) -> Execution:
+        """The execution that ends ``node`` (a step group) from within this message."""
+        x = Execution(self.eng, self.task, self.plan, node, self.run_id, path, True)
+        x.phase, x.rindex = self.phase, self.rindex
+        return x
+
+    @property
+    def recovery(self) -> bool:
+        return self.phase == "recovery"
+
+    def _kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"deferred": self.deferred}
+        if self.phase:
+            kw.update(phase=self.phase, rindex=self.rindex)
+        return kw
+
+    def _builder(self) -> CanvasBuilder:
+        kw = {"phase": self.phase, "rindex": self.rindex} if self.phase else None
+        return CanvasBuilder(self.task.app, self.plan, self.run_id, kw)
+
     # -- entry ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        kind = self.node.kind
-        if kind == "task":
-            self._run_task()
-        elif kind == "parallel":
-            self._run_parallel()
-        elif kind == "sequence":
-            self._run_sequence()
+        handler = {
+            "task": self._run_task,
+            "parallel": self._run_parallel,
+            "sequence": self._run_sequence,
+            "forEach": self._run_foreach,
+            "switch": self._run_switch,
+            "try": self._run_try,
+            "subflow": self._run_subflow,
+        }.get(self.node.kind)
+        if handler is None:
+            self._fail(PermanentError(f"step kind {self.node.kind!r} is not supported"))
         else:
-            self._fail(PermanentError(f"step kind {kind!r} is not supported by this worker"))
+            handler()
 
     # -- reading state --------------------------------------------------------------------
 
@@ -176,40 +214,63 @@ class Execution:
             if sid in self.plan.nodes:
                 k = self._ref_key(sid)
                 fields += [f"s:{k}", f"o:{k}"]
+        node = self.node
+        if node.foreach_owner is not None:
+            fe = self.plan.nodes[node.foreach_owner]
+            fields.append(f"i:{node_key(fe.id, self.path[: fe.foreach_depth + 1])}")
+        if node.catch_owner is not None:
+            fields.append(f"e:{self._ref_key(node.catch_owner)}")
         return fields
+
+    def _read(self, fields: list[str]) -> None:
+        fields = [f for f in fields if f not in self.values]
+        self.values.update(zip(fields, self.store.read_fields(self.run_id, fields), strict=True))
 
     def _begin(self, mark: bool, fields: list[str]) -> str:
         rec = self._running_record() if mark else None
         event = self._event("step.started") if mark else None
         verdict, _status, _rec, values = self.store.begin_step(
-            self.run_id, self.key, self.task_id, mark, rec, event, fields
+            self.run_id, self.key, self.task_id, mark, rec, event, fields, self.recovery
         )
         self.values.update(zip(fields, values, strict=True))
         return verdict
 
     def _context(self) -> dict[str, Any]:
-        import json
-
         v = self.values
         steps: dict[str, Any] = {}
-        for sid, ref in self.plan.nodes.items():
-            k = node_key(sid, self.path[: ref.foreach_depth])
-            rec_raw, out_raw = v.get(f"s:{k}"), v.get(f"o:{k}")
-            if f"s:{k}" not in v:
+        for field, raw in v.items():
+            if not field.startswith("s:"):
                 continue
-            rec = json.loads(rec_raw) if rec_raw else {}
+            k = field[2:]
+            sid = k.split("[", 1)[0]
+            rec = json.loads(raw) if raw else {}
+            out_raw = v.get(f"o:{k}")
             steps[sid] = {
                 "output": json.loads(out_raw) if out_raw else None,
                 "status": rec.get("status"),
                 "error": rec.get("error"),
                 "attempts": rec.get("attempts", 0),
             }
-        return {
+        ctx: dict[str, Any] = {
             "inputs": json.loads(v["inputs"]) if v.get("inputs") else {},
             "steps": _Steps(steps),
             "run": {"id": self.run_id, "flow": self.plan.name},
             "vars": {},
         }
+        node = self.node
+        if node.foreach_owner is not None:
+            fe = self.plan.nodes[node.foreach_owner]
+            raw = v.get(f"i:{node_key(fe.id, self.path[: fe.foreach_depth + 1])}")
+            ctx["item"] = json.loads(raw) if raw else None
+            ctx["index"] = self.path[fe.foreach_depth]
+        if node.catch_owner is not None:
+            raw = v.get(f"e:{self._ref_key(node.catch_owner)}")
+            ctx["error"] = json.loads(raw) if raw else None
+        return ctx
+
+    def _output_of(self, key: str) -> Any:
+        raw = self.store.read_fields(self.run_id, [f"o:{key}"])[0]
+        return json.loads(raw) if raw else None
 
     # -- records --------------------------------------------------------------------------
 
@@ -221,6 +282,19 @@ class Execution:
             "worker": self.worker,
             "task_id": self.task_id,
         }
+
+    def _adopt(self) -> None:
+        """Keep the start of a step group that this message ends (it started elsewhere)."""
+        raw = self.values.get(f"s:{self.key}")
+        if raw is None:
+            self._read([f"s:{self.key}"])
+            raw = self.values.get(f"s:{self.key}")
+        if raw:
+            rec = json.loads(raw)
+            self.started_at = rec.get("started_at", self.started_at)
+            self.attempt = rec.get("attempts", self.attempt)
+            self.worker = rec.get("worker", self.worker)
+            self.task_id = rec.get("task_id", self.task_id)
 
     def _event(self, type_: str, key: str | None = None, **data: Any) -> dict[str, Any]:
         e = {"ts": time.time(), "type": type_, "step": self.key if key is None else key}
@@ -241,6 +315,11 @@ class Execution:
         rec.update({k: v for k, v in extra.items() if v is not None})
         return rec
 
+    def _skip_records(self, nodes: list[Node], path: tuple[int, ...]) -> list[tuple]:
+        now = time.time()
+        rec = {"status": "skipped", "attempts": 0, "started_at": now, "finished_at": now}
+        return [(node_key(n.id, path), rec, NO_OUTPUT) for n in nodes]
+
     # -- kinds ----------------------------------------------------------------------------
 
     def _run_task(self) -> None:
@@ -248,8 +327,7 @@ class Execution:
         if not self._rate_ok():
             return
         final = self.tail and self.plan.is_final(node)
-        fields = self._fields(node.refs, final)
-        verdict = self._begin(mark=step.when is None, fields=fields)
+        verdict = self._begin(mark=step.when is None, fields=self._fields(node.refs, final))
         if self._stop(verdict):
             return
         ctx = self._context()
@@ -284,19 +362,142 @@ class Execution:
             return
         if not self._gate():
             return
-        builder = CanvasBuilder(self.task.app, self.plan, self.run_id)
-        sigs = [builder.from_node(self.plan.nodes[b], self.path) for b in branches]
-        self._publish(sigs)
+        builder = self._builder()
+        self._publish([builder.from_node(self.plan.nodes[b], self.path) for b in branches])
 
     def _run_sequence(self) -> None:
         if not self._gate():
             return
+        self._start_block(self.plan.blocks[f"{self.node.id}/body"], self.path)
+
+    def _run_foreach(self) -> None:
+        if not self._gate():
+            return
+        step = self.node.step
+        ctx = self._context()
+        try:
+            items = expressions.parse_condition(step.for_each).evaluate(ctx)  # type: ignore
+        except ExpressionError as exc:
+            self._failed(PermanentError(str(exc)), None, ctx)
+            return
+        if not isinstance(items, list):
+            self._failed(
+                PermanentError(
+                    f"forEach of step {self.key!r} expected a list, got {type(items).__name__}"
+                ),
+                None,
+                ctx,
+            )
+            return
+        if not items:  # nothing to fan out: the step still ends and the run goes on (#3597)
+            self._finish("succeeded", [], ctx)
+            return
+        limit = step.concurrency or len(items)  # type: ignore[union-attr]
+        first = min(limit, len(items))
+        self.store.foreach_start(self.run_id, self.key, items, first)
+        self._dispatch_items(range(first))
+
+    def _dispatch_items(self, indexes: Any) -> None:
         body = self.plan.blocks[f"{self.node.id}/body"]
-        builder = CanvasBuilder(self.task.app, self.plan, self.run_id)
-        self._publish([builder.from_node(self.plan.first(body), self.path)])
+        head = self.plan.first(body)
+        builder = self._builder()
+        batch = self.eng.settings.dispatch_batch
+        sigs = []
+        for i in indexes:
+            sigs.append(builder.from_node(head, (*self.path, i)))
+            if len(sigs) >= batch:
+                self._publish(sigs)
+                sigs = []
+        if sigs:
+            self._publish(sigs)
+
+    def _run_switch(self) -> None:
+        if not self._gate():
+            return
+        ctx = self._context()
+        chosen = None
+        try:
+            for i, case in enumerate(self.node.step.switch):  # type: ignore[union-attr]
+                if case.default is not None or expressions.evaluate_condition(case.when, ctx):
+                    chosen = i
+                    break
+        except ExpressionError as exc:
+            self._failed(PermanentError(str(exc)), None, ctx)
+            return
+        skipped: list[Node] = []
+        for i in range(len(self.node.step.switch)):  # type: ignore[union-attr]
+            if i != chosen:
+                for nid in self.plan.blocks[f"{self.node.id}/case{i}"].items:
+                    skipped += [self.plan.nodes[nid], *self.plan.descendants(self.plan.nodes[nid])]
+        if chosen is None:
+            self._finish("succeeded", None, ctx, extra=self._skip_records(skipped, self.path))
+            return
+        if skipped:
+            self.store.complete_step(
+                self.run_id, self._skip_records(skipped, self.path), [], recovery=self.recovery
+            )
+        self._start_block(self.plan.blocks[f"{self.node.id}/case{chosen}"], self.path)
+
+    def _run_try(self) -> None:
+        if self._gate():
+            self._start_block(self.plan.blocks[f"{self.node.id}/try"], self.path)
+
+    def _run_subflow(self) -> None:
+        if not self._gate():
+            return
+        from .inputs import validate_inputs
+
+        step = self.node.step
+        ctx = self._context()
+        try:
+            inputs = expressions.render(step.with_, ctx)  # type: ignore[union-attr]
+            info = self.store.flow_info(step.flow)  # type: ignore[union-attr]
+            if info is None:
+                raise PermanentError(f"flow {step.flow!r} is not deployed")  # type: ignore
+            child_plan = self.eng.plan(step.flow, info["version"])  # type: ignore[union-attr]
+            values = validate_inputs(child_plan.resource.spec.inputs, inputs)
+        except (ExpressionError, OrchestratorError, PermanentError) as exc:
+            self._failed(PermanentError(str(exc)), None, ctx)
+            return
+        parent = {
+            "run": self.run_id,
+            "flow": self.plan.name,
+            "version": self.plan.version,
+            "step": self.node.id,
+            "path": list(self.path),
+        }
+        child = start_run(
+            self.store,
+            self.task.app,
+            child_plan,
+            values,
+            idempotency_key=f"{self.run_id}:{self.key}",
+            parent=parent,
+        )
+        self.store.set_fields(self.run_id, {f"c:{self.key}": child})
+        self.store.complete_step(
+            self.run_id, [], [self._event("subflow.started", child=child)], recovery=self.recovery
+        )
+
+    def resume_subflow(self, child_id: str) -> None:
+        """The child run ended: end this step with its outputs, or fail with its error."""
+        status, outputs, error = self.store.r.hmget(
+            self.store.run_key(child_id), ["status", "outputs", "error"]
+        )
+        self._read(
+            [*self._fields(set(), self.tail and self.plan.is_final(self.node)), f"s:{self.key}"]
+        )
+        self._adopt()
+        ctx = self._context()
+        if status == "succeeded":
+            self._finish("succeeded", json.loads(outputs) if outputs else {}, ctx)
+            return
+        err = json.loads(error) if error else {}
+        message = f"child run {child_id} ended {status}: {err.get('message', '')}"
+        self._failed(PermanentError(message), None, ctx, error_type="SubflowFailed")
 
     def _gate(self) -> bool:
-        """Start a step group with ``when``: True to go on, False when skipped or stopped."""
+        """Start a step group: True to go on, False when skipped, stopped or failed."""
         when = self.node.step.when
         verdict = self._begin(mark=when is None, fields=self._fields(self.node.refs, False))
         if self._stop(verdict):
@@ -310,13 +511,13 @@ class Execution:
             self._failed(PermanentError(str(exc)), None, ctx)
             return False
         if not go:
-            skipped = [
-                (node_key(d.id, self.path), self._record("skipped"), NO_OUTPUT)
-                for d in self.plan.descendants(self.node)
-            ]
+            skipped = self._skip_records(self.plan.descendants(self.node), self.path)
             self._finish("skipped", None, ctx, extra=skipped)
             return False
         return not self._stop(self._begin(mark=True, fields=[]))
+
+    def _start_block(self, block: Any, path: tuple[int, ...]) -> None:
+        self._publish([self._builder().from_node(self.plan.first(block), path)])
 
     def _branch_outputs(self, ctx: dict[str, Any]) -> dict[str, Any]:
         steps = ctx["steps"]
@@ -354,8 +555,6 @@ class Execution:
             else:
                 output = task(**kwargs)
         try:
-            import json
-
             json.dumps(output)
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"output of step {self.key!r} is not JSON: {exc}") from exc
@@ -366,14 +565,6 @@ class Execution:
         rate = self.node.options.get("rate_limit")
         if not rate:
             return True
-        wait = self.store_rate(rate)
-        if wait <= 0:
-            return True
-        raise self.task.retry(
-            countdown=wait, max_retries=None, kwargs={"deferred": self.deferred + 1}
-        )
-
-    def store_rate(self, rate: str) -> float:
         count, unit = rate.split("/")
         per = {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
         n = float(count)
@@ -384,8 +575,14 @@ class Execution:
         pipe = self.store.r.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, int(window) + 1)
-        used = pipe.execute()[0]
-        return 0.0 if used <= limit else round((slot + 1) * window - now, 3) + 0.001
+        if pipe.execute()[0] <= limit:
+            return True
+        self.deferred += 1
+        raise self.task.retry(
+            countdown=round((slot + 1) * window - now, 3) + 0.001,
+            max_retries=None,
+            kwargs=self._kwargs(),
+        )
 
     # -- endings --------------------------------------------------------------------------
 
@@ -396,7 +593,7 @@ class Execution:
         if verdict == "done" and self.tail:
             # A redelivered message whose step had ended: the run may not have moved on
             # (the worker died between recording and publishing), so continue again.
-            self._advance()
+            self._advance(_READ)
         if verdict in ("busy", "inactive", "missing"):
             raise Ignore()
         return True
@@ -426,28 +623,32 @@ class Execution:
             records.append((k, self._record("succeeded"), output))
             events.append(self._event("step.succeeded", key=k))
         final = None
-        if self.tail and self.plan.is_final(node):
+        if self.tail and not self.recovery and self.plan.is_final(node):
             final = self._final(ctx, node.id, status, output)
             events.append(self._event(f"run.{final['status']}", key="", error=final.get("error")))
-        res = self.store.complete_step(self.run_id, records, events, final)
-        if res == "ok" and self.tail and final is None:
-            self._advance()
+        compensable = (
+            [json.dumps([node.id, list(path)])]
+            if status == "succeeded" and node.id in self.plan.compensable
+            else []
+        )
+        res = self.store.complete_step(
+            self.run_id, records, events, final, compensable=compensable, recovery=self.recovery
+        )
+        if res != "ok":
+            return
+        if final is not None:
+            self._notify_parent()
+        elif self.tail:
+            self._advance(output)
 
     def _final(
         self, ctx: dict[str, Any] | None, last: str, status: str, output: Any
     ) -> dict[str, Any]:
         """The run's outcome once its last step ended: outputs rendered from step outputs."""
-        if ctx is None or any(
-            f"s:{self._ref_key(s)}" not in self.values for s in self.plan.output_refs
-        ):
-            fields = self._fields(set(), final=True)
-            self.values.update(
-                zip(fields, self.store.read_fields(self.run_id, fields), strict=True)
-            )
-            ctx = self._context()
+        self._read(self._fields(set(), final=True))
+        ctx = self._context()
         steps = ctx["steps"]
-        prev = steps.get(last, {})
-        steps[last] = {**prev, "output": output, "status": status}
+        steps[last] = {**steps.get(last, {}), "output": output, "status": status}
         for seq in self.plan.completed_sequences(self.node):
             steps[seq.id] = {"output": output, "status": "succeeded"}
         now = time.time()
@@ -461,9 +662,17 @@ class Execution:
             }
         return {"status": "succeeded", "outputs": outputs, "finished_at": now}
 
-    def _failed(self, exc: BaseException, kwargs: Any, ctx: dict[str, Any] | None) -> None:
+    def _failed(
+        self,
+        exc: BaseException,
+        kwargs: Any,
+        ctx: dict[str, Any] | None,
+        error_type: str | None = None,
+    ) -> None:
         """A step raised: retry it under its policy, or let it fail (the run or just itself)."""
         error = error_info(exc, self.key)
+        if error_type:
+            error["type"] = error_type
         policy = self.node.retry
         retryable = not isinstance(exc, PermanentError)
         if retryable and self.attempt < (policy.max_attempts or 1):
@@ -477,68 +686,292 @@ class Execution:
                 self.run_id,
                 [(self.key, rec, NO_OUTPUT)],
                 [self._event("step.retrying", error=error, delay=delay)],
+                recovery=self.recovery,
             )
             if res != "ok":
                 raise Ignore()
-            raise self.task.retry(
-                countdown=delay, max_retries=None, exc=exc, kwargs={"deferred": self.deferred}
-            )
-        if self.node.on_error == "continue":
+            raise self.task.retry(countdown=delay, max_retries=None, exc=exc, kwargs=self._kwargs())
+        if self.node.on_error == "continue" or self.recovery:
+            # Compensations and onFailure steps never stop the recovery that runs them.
             self._finish("failed", None, ctx, error=error, input=kwargs)
             return
-        self._fail(exc, kwargs)
+        self._fail(exc, kwargs, error)
 
-    def _fail(self, exc: BaseException, kwargs: Any = None) -> None:
-        error = error_info(exc, self.key)
-        final = {"status": "failed", "error": error, "finished_at": time.time()}
-        self.store.complete_step(
+    def _fail(self, exc: BaseException, kwargs: Any = None, error: dict | None = None) -> None:
+        """Record the step failed and hand the failure to whatever encloses it."""
+        error = error or error_info(exc, self.key)
+        res = self.store.complete_step(
             self.run_id,
             [(self.key, self._record("failed", error=error, input=kwargs), None)],
-            [
-                self._event("step.failed", error=error),
-                self._event("run.failed", key="", error=error),
-            ],
-            final,
+            [self._event("step.failed", error=error)],
+            recovery=self.recovery,
         )
+        if res == "ok":
+            self._propagate(error)
         raise StepError(f"{error['type']}: {error['message']}")
+
+    def _propagate(self, error: dict[str, Any]) -> None:
+        """Climb from a failed step to the try that catches it, or fail the run."""
+        node, path = self.node, self.path
+        while True:
+            block = node.block
+            if block.owner is None:
+                if block.role == "top":
+                    self._start_recovery(error)
+                return
+            owner = self.plan.nodes[block.owner]
+            opath = path[: owner.foreach_depth]
+            okey = node_key(owner.id, opath)
+            if owner.kind == "try" and block.role in ("try", "catch"):
+                step = owner.step
+                if block.role == "try" and step.catch:  # type: ignore[union-attr]
+                    self.store.set_fields(self.run_id, {f"e:{okey}": error})
+                    self._start_block(self.plan.blocks[f"{owner.id}/catch"], opath)
+                    return
+                if step.finally_:  # type: ignore[union-attr]
+                    self.store.set_fields(self.run_id, {f"pe:{okey}": error})
+                    self._start_block(self.plan.blocks[f"{owner.id}/finally"], opath)
+                    return
+            up = self._for(owner, opath)
+            up._adopt()
+            if owner.on_error == "continue":
+                up._finish("failed", None, error=error)
+                return
+            res = self.store.complete_step(
+                self.run_id,
+                [(okey, up._record("failed", error=error), None)],
+                [up._event("step.failed", error=error)],
+                recovery=self.recovery,
+            )
+            if res != "ok":
+                return  # another failure got here first, or the run has ended
+            node, path = owner, opath
+
+    # -- recovery: saga compensation, then onFailure ---------------------------------------
+
+    def _start_recovery(self, error: dict[str, Any]) -> None:
+        done = self.store.begin_recovery(
+            self.run_id, error, self._event("run.failing", key="", error=error)
+        )
+        if done is None:
+            return
+        order = [json.loads(e) for e in reversed(done)]  # undo in reverse completion order
+        self.store.set_fields(self.run_id, {"recovery": order})
+        self.phase = "recovery"
+        self._recovery_step(order, 0)
+
+    def _recovery_step(self, order: list, i: int) -> None:
+        self.phase = "recovery"
+        if i < len(order):
+            step_id, path = order[i]
+            comp = self.plan.first(self.plan.blocks[f"{step_id}/compensate"])
+            self.rindex = i
+            self._publish([self._builder().from_node(comp, tuple(path))])
+        elif self.plan.on_failure is not None and self.node.block.role != "onFailure":
+            self.rindex = len(order)
+            self._publish([self._builder().from_node(self.plan.first(self.plan.on_failure))])
+        else:
+            self._end_recovery(order)
+
+    def _end_recovery(self, order: list) -> None:
+        keys = [
+            node_key(self.plan.first(self.plan.blocks[f"{sid}/compensate"]).id, tuple(p))
+            for sid, p in order
+        ]
+        raw = self.store.read_fields(self.run_id, [f"s:{k}" for k in keys]) if keys else []
+        ok = bool(keys) and all(r and json.loads(r).get("status") == "succeeded" for r in raw)
+        status = "compensated" if ok else "failed"
+        try:
+            self.store.move_run(
+                self.run_id,
+                ("running", "pending", "waiting"),
+                status,
+                self._event(f"run.{status}", key=""),
+                {"finished_at": time.time()},
+            )
+        except redis.ResponseError:
+            return  # cancelled meanwhile
+        self._notify_parent()
+
+    def _recovery_order(self) -> list:
+        raw = self.store.read_fields(self.run_id, ["recovery"])[0]
+        return json.loads(raw) if raw else []
 
     # -- continuing the run ---------------------------------------------------------------
 
-    def _advance(self) -> None:
-        """After a canvas' last step: publish what follows, or count a fan-in arrival."""
+    def _advance(self, output: Any) -> None:
+        """After a canvas' last step: publish what follows, or end the group that holds it."""
         node, path = self.node, self.path
-        while True:
-            nxt = self.plan.successor(node)
-            if nxt is not None:
-                builder = CanvasBuilder(self.task.app, self.plan, self.run_id)
-                self._publish([builder.from_node(nxt, path)])
-                return
-            end, block = self.plan.scope_end(node)
-            if block.owner is None:
-                return  # the run's end was recorded with the last step
-            owner = self.plan.nodes[block.owner]
-            if owner.kind != "parallel":
-                return
-            branches = owner.step.parallel  # type: ignore[union-attr]
-            if not self.store.fanin(self.run_id, node_key(owner.id, path), end.id, len(branches)):
-                return
-            # This was the last branch: end the parallel step, then continue after it.
-            self.__class__(
-                self.eng, self.task, self.plan, owner, self.run_id, path, True, self.deferred
-            )._join_runtime()
+        nxt = self.plan.successor(node)
+        if nxt is not None:
+            self._publish([self._builder().from_node(nxt, path)])
             return
+        end, block = self.plan.scope_end(node)
+        if block.owner is None:
+            if block.role == "onFailure":
+                self._end_recovery(self._recovery_order())
+            return  # top level: the run's end was recorded with its last step
+        if block.role == "compensate":
+            self._recovery_step(self._recovery_order(), self.rindex + 1)
+            return
+        owner = self.plan.nodes[block.owner]
+        opath = path[: owner.foreach_depth]
+        okey = node_key(owner.id, opath)
+        up = self._for(owner, opath)
+        if owner.kind == "parallel":
+            branches = owner.step.parallel  # type: ignore[union-attr]
+            if self.store.fanin(self.run_id, okey, end.id, len(branches)):
+                up._join_parallel()
+        elif owner.kind == "forEach":
+            fired, nxt_index = self.store.foreach_arrive(
+                self.run_id, okey, path[owner.foreach_depth]
+            )
+            if nxt_index is not None:
+                up._dispatch_items([nxt_index])
+            if fired:
+                up._join_foreach()
+        elif owner.kind == "switch":
+            up._end_group(self._output_of(self.key) if output is _READ else output)
+        elif owner.kind == "try":
+            step = owner.step
+            if block.role in ("try", "catch") and step.finally_:  # type: ignore[union-attr]
+                self._start_block(self.plan.blocks[f"{owner.id}/finally"], opath)
+                return
+            up._end_try()
 
-    def _join_runtime(self) -> None:
+    def _end_group(self, output: Any) -> None:
+        self._read([*self._fields(set(), self.plan.is_final(self.node)), f"s:{self.key}"])
+        self._adopt()
+        self._finish("succeeded", output, self._context())
+
+    def _join_parallel(self) -> None:
         branches = {b.id for b in self.node.step.parallel}  # type: ignore[union-attr]
-        fields = self._fields(branches, self.plan.is_final(self.node))
-        self.values.update(zip(fields, self.store.read_fields(self.run_id, fields), strict=True))
+        self._read([*self._fields(branches, self.plan.is_final(self.node)), f"s:{self.key}"])
+        self._adopt()
         ctx = self._context()
         self._finish("succeeded", self._branch_outputs(ctx), ctx)
+
+    def _join_foreach(self) -> None:
+        n = int(self.store.read_fields(self.run_id, [f"n:{self.key}"])[0] or 0)
+        body = self.plan.blocks[f"{self.node.id}/body"]
+        last = self.plan.nodes[body.items[-1]]
+        keys = [f"o:{node_key(last.id, (*self.path, i))}" for i in range(n)]
+        raw = self.store.read_fields(self.run_id, keys)
+        output = [json.loads(v) if v else None for v in raw]
+        self._read([*self._fields(set(), self.plan.is_final(self.node)), f"s:{self.key}"])
+        self._adopt()
+        self._finish("succeeded", output, self._context())
+        # Items are only needed to start their bodies; a finished forEach lets them go.
+        self.store.delete_fields(self.run_id, [f"i:{self.key}[{i}]" for i in range(n)])
+
+    def _end_try(self) -> None:
+        step = self.node.step
+        okey = self.key
+        pending, caught = self.store.read_fields(self.run_id, [f"pe:{okey}", f"e:{okey}"])
+        if pending:
+            self._adopt()
+            self._fail_group(json.loads(pending))
+            return
+        block = f"{self.node.id}/catch" if caught and step.catch else f"{self.node.id}/try"
+        last = self.plan.nodes[self.plan.blocks[block].items[-1]]
+        self._end_group(self._output_of(node_key(last.id, self.path)))
+
+    def _fail_group(self, error: dict[str, Any]) -> None:
+        """A step group fails after its finally block ran with an error still pending."""
+        if self.node.on_error == "continue":
+            self._finish("failed", None, error=error)
+            return
+        res = self.store.complete_step(
+            self.run_id,
+            [(self.key, self._record("failed", error=error), None)],
+            [self._event("step.failed", error=error)],
+            recovery=self.recovery,
+        )
+        if res == "ok":
+            self._propagate(error)
+
+    def _notify_parent(self) -> None:
+        """A child run ended: wake the parent's subflow step."""
+        raw = self.store.read_fields(self.run_id, ["parent"])[0]
+        if raw:
+            notify_parent(self.task.app, json.loads(raw), self.run_id)
 
     def _publish(self, sigs: list) -> None:
         with self.task.app.producer_or_acquire() as producer:
             for sig in sigs:
                 sig.apply_async(producer=producer)
+
+
+def notify_parent(app: Celery, parent: dict[str, Any], child_id: str) -> None:
+    """Send the parent's subflow step the message that resumes it."""
+    app.signature(
+        STEP_TASK,
+        args=(
+            parent["run"],
+            parent["flow"],
+            parent["version"],
+            parent["step"],
+            parent["path"],
+            True,
+        ),
+        kwargs={"resume": child_id},
+        immutable=True,
+        shadow=f"{parent['flow']}.{node_key(parent['step'], parent['path'])}",
+        ignore_result=True,
+    ).apply_async()
+
+
+def start_run(
+    store: RedisStore,
+    app: Celery,
+    plan: Plan,
+    inputs: dict[str, Any],
+    idempotency_key: str | None = None,
+    parent: dict[str, Any] | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Create a run record (once per idempotency key) and publish its first canvas."""
+    run_id = run_id or new_run_id()
+    if idempotency_key is not None:
+        owner = store.claim_idempotency(plan.name, idempotency_key, run_id)
+        if owner != run_id and store.r.exists(store.run_key(owner)):
+            return owner
+        run_id = owner
+    now = time.time()
+    record = {
+        "id": run_id,
+        "flow": plan.name,
+        "version": plan.version,
+        "status": "pending",
+        "inputs": inputs,
+        "created_at": now,
+        "idempotency_key": idempotency_key,
+        "parent": parent,
+    }
+    event = {"ts": now, "type": "run.created", "step": "", "version": plan.version}
+    if parent:
+        event["parent"] = parent["run"]
+    if not store.create_run(record, event):
+        return run_id
+    canvas = CanvasBuilder(app, plan, run_id).from_node(plan.first(plan.top))
+    try:
+        canvas.apply_async()
+    except Exception as exc:
+        error = {"type": type(exc).__name__, "message": f"could not publish: {exc}", "step": None}
+        store.move_run(
+            run_id,
+            ("pending",),
+            "failed",
+            {"ts": time.time(), "type": "run.failed", "step": "", "error": error},
+            {"error": error, "finished_at": time.time()},
+        )
+        raise
+    return run_id
+
+
+def new_run_id() -> str:
+    """Sortable by creation time (millisecond hex prefix), 64 random bits after it."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(8)}"
 
 
 class _Steps(dict):

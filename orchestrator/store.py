@@ -11,6 +11,8 @@ braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
                                    error) and output ``o:<key>`` (JSON)
 ``P{R}:events``                    stream: the run's audit trail, one JSON field ``e`` each
 ``P{R}:fanin:<key>``               set: arrivals at one fan-in (deleted when it fires)
+``P{R}:comp``                      list: keys of succeeded steps that have ``compensate``,
+                                   in order of completion (the saga's undo log)
 ``Pflows``                         set: deployed flow names
 ``Pflow:<name>``                   hash: ``version state deployed_at``
 ``Pflowdef:<name>:<version>``      string: the definition document (JSON), immutable
@@ -63,6 +65,8 @@ class RedisStore:
         self._complete = self.r.register_script(_script("complete_step"))
         self._end = self.r.register_script(_script("end_run"))
         self._fanin = self.r.register_script(_script("fanin"))
+        self._recover = self.r.register_script(_script("begin_recovery"))
+        self._arrive = self.r.register_script(_script("foreach_arrive"))
 
     def close(self) -> None:
         self.r.close()
@@ -77,6 +81,9 @@ class RedisStore:
 
     def fanin_key(self, run_id: str, key: str) -> str:
         return f"{self.p}{{{run_id}}}:fanin:{key}"
+
+    def comp_key(self, run_id: str) -> str:
+        return f"{self.p}{{{run_id}}}:comp"
 
     # -- definitions --------------------------------------------------------------------
 
@@ -142,6 +149,7 @@ class RedisStore:
         record: dict[str, Any] | None,
         event: dict[str, Any] | None,
         fields: list[str],
+        recovery: bool = False,
     ) -> tuple[str, str | None, dict | None, list[str | None]]:
         """See ``lua/begin_step.lua``: verdict, run status, step record, the values read."""
         res = self._begin(
@@ -153,6 +161,7 @@ class RedisStore:
                 dumps(record) if record else "",
                 dumps(event) if event else "",
                 time.time(),
+                "1" if recovery else "0",
                 *fields,
             ],
         )
@@ -166,14 +175,17 @@ class RedisStore:
         records: list[tuple[str, dict, Any]],
         events: list[dict[str, Any]],
         final: dict[str, Any] | None = None,
-        flow: str | None = None,
+        compensable: list[str] | tuple[str, ...] = (),
+        recovery: bool = False,
     ) -> str:
-        """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-_NO_OUTPUT)."""
-        args: list[Any] = [len(records)]
+        """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-NO_OUTPUT)."""
+        args: list[Any] = ["1" if recovery else "0", len(records)]
         for key, rec, output in records:
             args += [key, dumps(rec), "" if output is NO_OUTPUT else dumps(output)]
         args.append(len(events))
         args += [dumps(e) for e in events]
+        args.append(len(compensable))
+        args += list(compensable)
         pipe = self.r.pipeline(transaction=False)
         if final:
             status = final["status"]
@@ -183,7 +195,8 @@ class RedisStore:
                     args += [k, v if isinstance(v, str | int | float) else dumps(v)]
         else:
             args += ["", 0]
-        self._complete(keys=[self.run_key(run_id), self.events_key(run_id)], args=args, client=pipe)
+        keys = [self.run_key(run_id), self.events_key(run_id), self.comp_key(run_id)]
+        self._complete(keys=keys, args=args, client=pipe)
         if final:
             self._index_ended(pipe, run_id, final["status"], final.get("finished_at"))
         return pipe.execute()[0]
@@ -238,8 +251,66 @@ class RedisStore:
             )
         )
 
+    def begin_recovery(
+        self, run_id: str, error: dict[str, Any], event: dict[str, Any]
+    ) -> list[str] | None:
+        """Enter the recovery phase once; the saga's undo log, or None if not ours to run."""
+        res = self._recover(
+            keys=[self.run_key(run_id), self.events_key(run_id), self.comp_key(run_id)],
+            args=[dumps(error), dumps(event)],
+        )
+        return None if res is None else list(res)
+
+    def foreach_start(self, run_id: str, key: str, items: list[Any], started: int) -> None:
+        """Store each item under its own field (children read only theirs) and the counters."""
+        rk = self.run_key(run_id)
+        pipe = self.r.pipeline(transaction=False)
+        chunk: dict[str, str] = {}
+        for i, item in enumerate(items):
+            chunk[f"i:{key}[{i}]"] = dumps(item)
+            if len(chunk) >= 1000:
+                pipe.hset(rk, mapping=chunk)
+                chunk = {}
+        chunk.update({f"n:{key}": len(items), f"c:{key}": started})
+        pipe.hset(rk, mapping=chunk)
+        pipe.execute()
+
+    def foreach_arrive(self, run_id: str, key: str, index: int) -> tuple[bool, int | None]:
+        """Count an item's end: (this caller completes the forEach, next index to start)."""
+        fired, nxt = self._arrive(
+            keys=[self.fanin_key(run_id, key), self.run_key(run_id)],
+            args=[index, key, self.settings.retention_s],
+        )
+        return bool(fired), (None if int(nxt) < 0 else int(nxt))
+
+    def set_fields(self, run_id: str, fields: dict[str, Any]) -> None:
+        self.r.hset(
+            self.run_key(run_id),
+            mapping={
+                k: v if isinstance(v, str | int | float) else dumps(v) for k, v in fields.items()
+            },
+        )
+
     def read_fields(self, run_id: str, fields: list[str]) -> list[str | None]:
-        return self.r.hmget(self.run_key(run_id), fields) if fields else []
+        if not fields:
+            return []
+        if len(fields) <= 5000:
+            return self.r.hmget(self.run_key(run_id), fields)
+        out: list[str | None] = []
+        for i in range(0, len(fields), 5000):
+            out += self.r.hmget(self.run_key(run_id), fields[i : i + 5000])
+        return out
+
+    def step_records(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """Every step record of a run, by key (scans the hash; for cancel and retry)."""
+        out = {}
+        for k, v in self.r.hscan_iter(self.run_key(run_id), match="s:*", count=1000):
+            out[k[2:]] = json.loads(v)
+        return out
+
+    def delete_fields(self, run_id: str, fields: list[str]) -> None:
+        for i in range(0, len(fields), 1000):
+            self.r.hdel(self.run_key(run_id), *fields[i : i + 1000])
 
     def run_hash(self, run_id: str) -> dict[str, str]:
         return self.r.hgetall(self.run_key(run_id))

@@ -1,18 +1,23 @@
 -- Read what a step needs and, when asked, mark it running: one round trip per step start.
 -- KEYS: run hash, events stream.
 -- ARGV: step key, Celery task id, mark ('1'|'0'), running record JSON, event JSON, now,
---       then the run-hash fields to read (inputs, s:<ref>, o:<ref>, ...).
+--       recovery ('1' for compensation and onFailure steps), then the run-hash fields
+--       to read (inputs, s:<ref>, o:<ref>, ...).
 -- Returns {verdict, run status, step record, value...} where verdict is
 --   run      the caller executes the step (marked running when mark = '1');
 --   done     the step already ended (a redelivered message): do not run it again;
 --   busy     another message (another task id) is running it now;
---   inactive the run is not active (cancelled, failed, ...); missing: no such run.
+--   inactive the run is not active (cancelled, failed, ...), or is recovering from a
+--            failure and this is not a recovery step; missing: no such run.
 local run = KEYS[1]
 local status = redis.call('HGET', run, 'status')
 if not status then
   return {'missing', false, false}
 end
 if status ~= 'running' and status ~= 'pending' and status ~= 'waiting' then
+  return {'inactive', status, false}
+end
+if ARGV[7] ~= '1' and redis.call('HEXISTS', run, 'phase') == 1 then
   return {'inactive', status, false}
 end
 local skey = 's:' .. ARGV[1]
@@ -37,8 +42,8 @@ if verdict == 'run' and ARGV[3] == '1' then
   end
 end
 local out = {verdict, status, rec or false}
-if #ARGV >= 7 then
-  local values = redis.call('HMGET', run, unpack(ARGV, 7))
+if #ARGV >= 8 then
+  local values = redis.call('HMGET', run, unpack(ARGV, 8))
   for i = 1, #values do
     out[#out + 1] = values[i]
   end

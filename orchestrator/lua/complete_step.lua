@@ -2,19 +2,21 @@
 -- when it ends the run, the run's outcome: all in one round trip.
 -- The first record is compare-and-set: a step already ended is not ended twice,
 -- so a message Celery delivers twice cannot mark a step succeeded twice.
--- KEYS: run hash, events stream.
--- ARGV: n records, then n x (step key, record JSON, output JSON or '' for none),
---       m events, then m event JSONs,
+-- KEYS: run hash, events stream, compensation list (steps with `compensate` that
+--       succeeded, in order of completion).
+-- ARGV: recovery ('1' for compensation/onFailure steps), n records, then
+--       n x (step key, record JSON, output JSON or '' for none), m events, m event JSONs,
+--       k compensable keys to append, k keys,
 --       final status ('' when the run goes on), retention seconds, then run field/value pairs.
 -- Returns 'ok', 'dup' (first step had already ended: nothing written),
--- 'inactive' (records written, but the run had ended: do not continue), 'missing'.
+-- 'inactive' (records written, but the run had ended or is recovering: do not continue),
+-- 'missing'.
 local run = KEYS[1]
 local status = redis.call('HGET', run, 'status')
 if not status then
   return 'missing'
 end
-local n = tonumber(ARGV[1])
-local first = redis.call('HGET', run, 's:' .. ARGV[2])
+local first = redis.call('HGET', run, 's:' .. ARGV[3])
 if first then
   local s = cjson.decode(first)['status']
   if s == 'succeeded' or s == 'skipped' or s == 'failed' or s == 'cancelled'
@@ -22,7 +24,8 @@ if first then
     return 'dup'
   end
 end
-local i = 2
+local n = tonumber(ARGV[2])
+local i = 3
 for _ = 1, n do
   redis.call('HSET', run, 's:' .. ARGV[i], ARGV[i + 1])
   if ARGV[i + 2] ~= '' then
@@ -36,15 +39,26 @@ for _ = 1, m do
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[i])
   i = i + 1
 end
+local k = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, k do
+  redis.call('RPUSH', KEYS[3], ARGV[i])
+  i = i + 1
+end
 local active = status == 'running' or status == 'pending' or status == 'waiting'
 if not active then
+  return 'inactive'
+end
+if ARGV[1] ~= '1' and redis.call('HEXISTS', run, 'phase') == 1 then
   return 'inactive'
 end
 local final = ARGV[i]
 if final ~= '' then
   local ttl = tonumber(ARGV[i + 1])
   redis.call('HSET', run, 'status', final, unpack(ARGV, i + 2))
+  redis.call('HDEL', run, 'phase')
   redis.call('EXPIRE', run, ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
 end
 return 'ok'
