@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     #: Celery result backend (chords need one); empty means the state Redis.
     result_backend: str = ""
     key_prefix: str = "orch:"
+    #: Prefix for Celery's own keys in Redis (queues, unacked messages, results: kombu's
+    #: ``global_keyprefix``); empty leaves them unprefixed. Set it to share one Redis DB
+    #: between deployments that must not see each other's messages (the demo does).
+    celery_key_prefix: str = ""
     #: Comma-separated modules the worker imports so their Celery tasks are registered.
     task_modules: str = ""
     #: How long finished runs (and their event logs) are kept, in seconds.
