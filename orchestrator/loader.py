@@ -370,7 +370,8 @@ class _FlowChecker:
         node: Any = self.flow
         for part in path:
             if isinstance(part, int):
-                node = node[part]
+                # A single step (compensate, a one-step `do`) is indexed as a list of one.
+                node = node[part] if isinstance(node, list) else node
             else:
                 attr = {
                     "steps": "steps",
