@@ -120,11 +120,20 @@ class Plan:
     ) -> Block:
         block = Block(bid, [s.id for s in steps], owner, role)
         self.blocks[bid] = block
+        parent = self.nodes.get(owner) if owner else None
+        foreach = parent.foreach_owner if parent else None
+        catch = parent.catch_owner if parent else None
+        if parent is not None and parent.kind == "forEach" and role == "body":
+            foreach = parent.id
+        if parent is not None and parent.kind == "try" and role == "catch":
+            catch = parent.id
         for pos, step in enumerate(steps):
-            self._add_node(step, block, pos, depth)
+            node = self._new_node(step, block, pos, depth)
+            node.foreach_owner, node.catch_owner = foreach, catch
+            self._add_children(node)
         return block
 
-    def _add_node(self, step: AnyStep, block: Block, pos: int, depth: int) -> None:
+    def _new_node(self, step: AnyStep, block: Block, pos: int, depth: int) -> Node:
         kind = step_kind(step)
         assert kind is not None
         node = Node(step.id, kind, step, block, pos, depth)
@@ -132,7 +141,10 @@ class Plan:
         node.on_error = step.on_error or self.defaults.on_error or "fail"
         node.refs = _condition_refs(step.when)
         self.nodes[step.id] = node
-        sid = step.id
+        return node
+
+    def _add_children(self, node: Node) -> None:
+        step, depth, sid = node.step, node.foreach_depth, node.id
         if isinstance(step, TaskStep | SubflowStep):
             node.refs |= expressions.step_refs(step.with_)
         elif isinstance(step, SequenceStep):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +201,7 @@ class _FlowChecker:
         self.settings = settings
         self.problems: list[tuple[Path, str]] = []
         self.paths: dict[str, Path] = {}
+        self.steps: dict[str, AnyStep] = {}
         self.depth: dict[str, int] = {}  # enclosing forEach count
 
     def run(self) -> None:
@@ -235,6 +236,7 @@ class _FlowChecker:
                 )
             else:
                 self.paths[step.id] = p
+                self.steps[step.id] = step
                 self.depth[step.id] = depth
             for sub, subpath, d in _nested(step, p, depth):
                 self._index(sub, subpath, d)
@@ -351,8 +353,7 @@ class _FlowChecker:
         vt = self.settings.visibility_timeout_s
         defaults = self.flow.spec.defaults
         for sid, path in self.paths.items():
-            step = self._find(path)
-            timeout = step.timeout if step is not None else None
+            timeout = self.steps[sid].timeout
             if timeout is None and defaults is not None:
                 timeout = defaults.timeout
             if timeout is not None and hard_time_limit(timeout) >= vt:
@@ -365,29 +366,6 @@ class _FlowChecker:
                         "ORCHESTRATOR_VISIBILITY_TIMEOUT_S or shorten it",
                     )
                 )
-
-    def _find(self, path: Sequence[Any]) -> AnyStep | None:
-        node: Any = self.flow
-        for part in path:
-            if isinstance(part, int):
-                # A single step (compensate, a one-step `do`) is indexed as a list of one.
-                node = node[part] if isinstance(node, list) else node
-            else:
-                attr = {
-                    "steps": "steps",
-                    "onFailure": "on_failure",
-                    "parallel": "parallel",
-                    "do": "do",
-                    "switch": "switch",
-                    "try": "try_",
-                    "catch": "catch",
-                    "finally": "finally_",
-                    "default": "default",
-                    "compensate": "compensate",
-                    "spec": "spec",
-                }[part]
-                node = getattr(node, attr)
-        return node
 
 
 def _nested(step: AnyStep, path: Path, depth: int):

@@ -861,8 +861,10 @@ class Execution:
         self._read([*self._fields(set(), self.plan.is_final(self.node)), f"s:{self.key}"])
         self._adopt()
         self._finish("succeeded", output, self._context())
-        # Items are only needed to start their bodies; a finished forEach lets them go.
-        self.store.delete_fields(self.run_id, [f"i:{self.key}[{i}]" for i in range(n)])
+        # Items are needed to start bodies and, in a saga, to compensate them; a finished
+        # forEach of a flow without compensations lets them go.
+        if not self.plan.compensable:
+            self.store.delete_fields(self.run_id, [f"i:{self.key}[{i}]" for i in range(n)])
 
     def _end_try(self) -> None:
         step = self.node.step

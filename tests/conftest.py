@@ -91,7 +91,7 @@ def orch_env(redis_server: RedisServer, request: pytest.FixtureRequest) -> dict[
         "ORCHESTRATOR_REDIS_URL": redis_server.url,
         "ORCHESTRATOR_KEY_PREFIX": f"t{tag}:",
         "ORCHESTRATOR_DEFAULT_QUEUE": f"q{tag}",
-        "ORCHESTRATOR_TASK_MODULES": "workers.examples,tests.tasks",
+        "ORCHESTRATOR_TASK_MODULES": "workers.examples,tests.tasks,tests.control_tasks",
     }
 
 
