@@ -23,7 +23,9 @@ def key() -> str:
 
 
 def test_foreach_results_in_order_with_concurrency(client, worker):
-    name = deploy(client, """
+    name = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -40,7 +42,8 @@ spec:
       task: ctl.total
       with: {values: "${steps.each.output}"}
   outputs: {each: "${steps.each.output}", sum: "${steps.sum.output}"}
-""")
+""",
+    )
     run = client.trigger(name, {"items": [5, 6, 7, 8, 9]})
     out = run.wait(timeout=60)
     assert out["each"] == [10, 13, 16, 19, 22]
@@ -52,7 +55,9 @@ spec:
 
 
 def test_foreach_over_empty_list_continues(client, worker):
-    name = deploy(client, """
+    name = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -61,7 +66,8 @@ spec:
     - {id: each, forEach: "${[]}", do: {id: body, task: ctl.double, with: {x: "${item}"}}}
     - {id: after, task: ctl.total, with: {values: "${steps.each.output}"}}
   outputs: {each: "${steps.each.output}", after: "${steps.after.output}"}
-""")
+""",
+    )
     assert client.trigger(name).wait(timeout=30) == {"each": [], "after": 0}
 
 
@@ -97,7 +103,9 @@ def test_failure_inside_foreach_with_on_error_continue(client, worker):
 
 
 def test_nested_foreach_inside_parallel(client, worker):
-    name = deploy(client, """
+    name = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -115,14 +123,17 @@ spec:
             do: {id: r, task: ctl.add, with: {a: "${item}", b: 100}}
     - {id: sum, task: ctl.total, with: {values: "${steps.both.output.left}"}}
   outputs: {both: "${steps.both.output}", sum: "${steps.sum.output}"}
-""")
+""",
+    )
     out = client.trigger(name, {"a": [1, 2, 3], "b": [10, 20]}).wait(timeout=60)
     assert out["both"] == {"left": [2, 4, 6], "right": [[110, 111], [120, 121]]}
     assert out["sum"] == 12
 
 
 def test_switch_runs_first_match_and_skips_the_rest(client, worker):
-    name = deploy(client, """
+    name = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -137,7 +148,8 @@ spec:
           steps: [{id: medium, task: ctl.add, with: {a: "${inputs.amount}", b: 1}}]
         - default: [{id: large, task: ctl.add, with: {a: "${inputs.amount}", b: 2}}]
   outputs: {route: "${steps.route.output}"}
-""")
+""",
+    )
     run = client.trigger(name, {"amount": 1000})
     assert run.wait(timeout=30) == {"route": 1001}
     steps = client.get(run.id).steps
@@ -148,7 +160,9 @@ spec:
 
 def test_try_catch_finally(client, worker, redis_server):
     log = key()
-    name = deploy(client, """
+    name = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -167,19 +181,26 @@ spec:
         - {id: cleanup, task: ctl.record, with: {log: LOG, entry: cleanup}}
     - {id: after, task: ctl.record, with: {log: LOG, entry: after}}
   outputs: {guard: "${steps.guard.output}"}
-""".replace("LOG", log))
+""".replace("LOG", log),
+    )
     run = client.trigger(name)
     assert run.wait(timeout=30) == {"guard": "caught RuntimeError at bad: card declined"}
     r = redis_server.client(decode_responses=True)
     assert r.lrange(log, 0, -1) == [
-        "ok", "caught RuntimeError at bad: card declined", "cleanup", "after"]
+        "ok",
+        "caught RuntimeError at bad: card declined",
+        "cleanup",
+        "after",
+    ]
     steps = client.get(run.id).steps
     assert steps["bad"].status == "failed" and "never" not in steps
 
 
 def test_try_without_catch_runs_finally_then_fails(client, worker, redis_server):
     log = key()
-    name = deploy(client, """
+    name = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -189,7 +210,8 @@ spec:
       try: [{id: bad, task: ctl.fail, with: {message: nope}}]
       finally: [{id: cleanup, task: ctl.record, with: {log: LOG, entry: cleanup}}]
     - {id: after, task: ctl.record, with: {log: LOG, entry: after}}
-""".replace("LOG", log))
+""".replace("LOG", log),
+    )
     with pytest.raises(RunFailed) as info:
         client.trigger(name).wait(timeout=30)
     assert info.value.run.error["step"] == "bad"
@@ -222,7 +244,10 @@ spec:
             id: seat
             task: ctl.record
             with: {log: LOG, entry: "book-seat-${item}"}
-            compensate: {id: free_seat, task: ctl.record, with: {log: LOG, entry: "free-seat-${item}"}}
+            compensate:
+              id: free_seat
+              task: ctl.record
+              with: {log: LOG, entry: "free-seat-${item}"}
     - {id: charge, task: ctl.fail, with: {message: card declined}}
   onFailure:
     - {id: notify, task: ctl.record, with: {log: LOG, entry: notify}}
@@ -240,8 +265,12 @@ def test_saga_compensates_in_reverse_completion_order(client, worker, redis_serv
     entries = redis_server.client(decode_responses=True).lrange(log, 0, -1)
     booked = [e for e in entries if e.startswith("book-")]
     undone = [e for e in entries if e.startswith(("cancel-", "free-"))]
-    expected = {"book-flight": "cancel-flight", "book-hotel": "cancel-hotel",
-                "book-seat-1": "free-seat-1", "book-seat-2": "free-seat-2"}
+    expected = {
+        "book-flight": "cancel-flight",
+        "book-hotel": "cancel-hotel",
+        "book-seat-1": "free-seat-1",
+        "book-seat-2": "free-seat-2",
+    }
     assert undone == [expected[b] for b in reversed(booked)]
     assert entries[-1] == "notify"  # onFailure runs once, after every compensation
     assert final.steps["cancel_hotel"].attempts == 2  # failed once, retried under its policy
@@ -251,7 +280,9 @@ def test_saga_compensates_in_reverse_completion_order(client, worker, redis_serv
 
 
 def test_subflow_runs_child_and_returns_its_outputs(client, worker):
-    child = deploy(client, """
+    child = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -259,8 +290,11 @@ spec:
   inputs: {x: {type: integer, required: true}}
   steps: [{id: d, task: ctl.double, with: {x: "${inputs.x}"}}]
   outputs: {doubled: "${steps.d.output}"}
-""")
-    parent = deploy(client, """
+""",
+    )
+    parent = deploy(
+        client,
+        """
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {name: NAME}
@@ -269,39 +303,49 @@ spec:
     - {id: call, flow: CHILD, with: {x: 21}}
     - {id: plus, task: ctl.add, with: {a: "${steps.call.output.doubled}", b: 0}}
   outputs: {result: "${steps.plus.output}"}
-""".replace("CHILD", child))
+""".replace("CHILD", child),
+    )
     run = client.trigger(parent)
     assert run.wait(timeout=30) == {"result": 42}
     raw = client.store.run_hash(run.id)
     child_id = raw["c:call"]
     assert client.get(child_id).flow == child
-    assert '"run":"%s"' % run.id in client.store.run_hash(child_id)["parent"]
+    assert f'"run":"{run.id}"' in client.store.run_hash(child_id)["parent"]
 
 
 def test_cancel_parent_cancels_child(client, worker, redis_server):
     started, release = key(), key()
-    child = deploy(client, f"""
+    child = deploy(
+        client,
+        f"""
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {{name: NAME}}
 spec:
   steps: [{{id: wait, task: ctl.hold, with: {{counter: {started}, release: {release}}}}}]
-""")
-    parent = deploy(client, "apiVersion: orchestrator/v1\nkind: Flow\nmetadata: {name: NAME}\n"
-                    f"spec:\n  steps: [{{id: call, flow: {child}}}]\n")
+""",
+    )
+    parent = deploy(
+        client,
+        "apiVersion: orchestrator/v1\nkind: Flow\nmetadata: {name: NAME}\n"
+        f"spec:\n  steps: [{{id: call, flow: {child}}}]\n",
+    )
     run = client.trigger(parent)
     r = redis_server.client(decode_responses=True)
     wait_for(lambda: r.get(started) == "1", timeout=20, message="child step started")
     client.cancel(run.id)
     child_id = client.store.run_hash(run.id)["c:call"]
-    wait_for(lambda: client.get(child_id).status == "cancelled", timeout=10,
-             message="child cancelled")
+    wait_for(
+        lambda: client.get(child_id).status == "cancelled", timeout=10, message="child cancelled"
+    )
     assert client.get(run.id).status == "cancelled"
 
 
 def test_cancel_half_done_foreach_leaves_nothing_running(client, worker, redis_server):
     started, release = key(), key()
-    name = deploy(client, f"""
+    name = deploy(
+        client,
+        f"""
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {{name: NAME}}
@@ -311,16 +355,25 @@ spec:
       forEach: "${{[1, 2, 3, 4, 5, 6, 7, 8]}}"
       concurrency: 2
       do: {{id: h, task: ctl.hold, with: {{counter: {started}, release: {release}}}}}
-""")
+""",
+    )
     run = client.trigger(name)
     r = redis_server.client(decode_responses=True)
     wait_for(lambda: int(r.get(started) or 0) >= 2, timeout=20, message="two items running")
     cancelled = client.cancel(run.id)
     assert cancelled.status == "cancelled"
     r.set(release, "1")  # anything still holding would now finish and try to continue
-    wait_for(lambda: not [k for k, s in client.get(run.id).steps.items()
-                          if s.status in ("running", "retrying")],
-             timeout=20, message="no step left running")
+    wait_for(
+        lambda: (
+            not [
+                k
+                for k, s in client.get(run.id).steps.items()
+                if s.status in ("running", "retrying")
+            ]
+        ),
+        timeout=20,
+        message="no step left running",
+    )
     before = int(r.get(started))
     # Give the workers a chance to start anything that slipped through: poll the queue
     # until it is empty rather than sleeping.
@@ -333,7 +386,9 @@ def test_retry_after_fixing_the_cause_reuses_succeeded_steps(client, worker, red
     counter, flag, log = key(), key(), key()
     r = redis_server.client(decode_responses=True)
     r.set(flag, "broken")
-    name = deploy(client, f"""
+    name = deploy(
+        client,
+        f"""
 apiVersion: orchestrator/v1
 kind: Flow
 metadata: {{name: NAME}}
@@ -343,7 +398,8 @@ spec:
     - {{id: fragile, task: ctl.fail_while, with: {{flag: {flag}, log: {log}}}}}
     - {{id: last, task: ctl.add, with: {{a: "${{steps.first.output}}", b: 1}}}}
   outputs: {{last: "${{steps.last.output}}"}}
-""")
+""",
+    )
     run = client.trigger(name)
     with pytest.raises(RunFailed):
         run.wait(timeout=30)
