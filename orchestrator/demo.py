@@ -1,0 +1,417 @@
+"""``orchestrator demo``: every example flow of ``flows/`` run on two real Celery workers.
+
+The demo brings its own stack and leaves nothing behind: it uses the Redis at
+``ORCHESTRATOR_REDIS_URL`` when one answers PING, otherwise a private ``redis-server``
+in a temporary directory. On a shared Redis everything it writes, Celery's queues and
+results included, sits under one fresh key prefix (``demo-<random>:``) and one fresh
+queue, and those keys are deleted at the end; nothing else is touched.
+
+Each example flow needs demo inputs in :data:`DEMO_INPUTS`; a flow without an entry
+stops the demo before it starts anything, so a new example cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .errors import DefinitionError, RunFailed
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .client import Client
+
+#: Inputs each example flow runs with, by flow name. Add an entry with every new
+#: file in flows/.
+DEMO_INPUTS: dict[str, dict[str, Any]] = {
+    "text": {"message": "hello big wide world"},
+    "etl": {"pages": 3, "page_size": 50},
+}
+
+WORKERS = 2
+WORKER_CONCURRENCY = 2
+READY_TIMEOUT_S = 30.0
+RUN_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+class DemoError(Exception):
+    """The demo could not set itself up; the message says what to do."""
+
+
+def run_demo(
+    redis_url: str | None,
+    flows_dir: str | os.PathLike[str] = "flows",
+    console: Console | None = None,
+) -> int:
+    """Run every flow of ``flows_dir``; 0 when all succeeded, 1 otherwise."""
+    out = console or Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return _Demo(redis_url, Path(flows_dir), out).run()
+    except DemoError as exc:
+        err.print(Text(f"demo: {exc}", style="red"))
+        return 1
+    except DefinitionError as exc:
+        err.print(Text(f"demo: invalid example flows in {flows_dir}:", style="red"))
+        for problem in exc.problems:
+            err.print(Text(str(problem)))
+        return 1
+
+
+class _Demo:
+    def __init__(self, redis_url: str | None, flows_dir: Path, console: Console):
+        self.redis_url = redis_url
+        self.flows_dir = flows_dir
+        self.console = console
+        self.tag = secrets.token_hex(4)
+        self.prefix = f"demo-{self.tag}:"
+        self.queue = f"demo-{self.tag}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="orchestrator-demo-"))
+
+    def run(self) -> int:
+        names = self._example_flows()
+        with contextlib.ExitStack() as stack:
+            stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+            url, where = self._redis(stack)
+            self.console.print(
+                f"Redis: {where}; key prefix {self.prefix}, queue {self.queue}", markup=False
+            )
+            stack.callback(_delete_prefixed, url, self.prefix)
+            settings = self._settings(url)
+            workers = self._start_workers(settings, stack)
+            self.console.print(f"Workers ready: {', '.join(w.name for w in workers)}")
+
+            from .client import Client
+
+            client = Client(settings)
+            stack.callback(client.close)
+            for d in client.deploy(self.flows_dir):
+                self.console.print(f"Deployed {d.name} (version {d.version})", markup=False)
+            started = {
+                name: client.trigger(name, inputs=DEMO_INPUTS[name]) for name in sorted(names)
+            }
+            ok = True
+            for name, run in started.items():
+                ok = self._report(client, name, run.id) and ok
+            self.console.print(
+                Text(
+                    "All example flows succeeded." if ok else "Some example flows failed.",
+                    style="bold green" if ok else "bold red",
+                )
+            )
+            return 0 if ok else 1
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _example_flows(self) -> list[str]:
+        from .loader import load
+
+        if not self.flows_dir.is_dir():
+            raise DemoError(
+                f"no {self.flows_dir}/ folder here: run the demo from the repository root"
+            )
+        names = [lr.name for lr in load(self.flows_dir) if lr.kind == "Flow"]
+        missing = sorted(set(names) - set(DEMO_INPUTS))
+        if missing:
+            raise DemoError(
+                f"{self.flows_dir}/ has flows without demo inputs: {', '.join(missing)}. "
+                "Add an entry for each to DEMO_INPUTS in orchestrator/demo.py"
+            )
+        if not names:
+            raise DemoError(f"{self.flows_dir}/ holds no flows")
+        return names
+
+    def _redis(self, stack: contextlib.ExitStack) -> tuple[str, str]:
+        if self.redis_url and _answers(self.redis_url):
+            return self.redis_url, f"{_redact(self.redis_url)} (shared)"
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise DemoError(
+                f"no Redis answers at {_redact(self.redis_url or '')} and redis-server is "
+                "not installed: set ORCHESTRATOR_REDIS_URL or install redis-server"
+            )
+        server = _PrivateRedis(binary, self.tmp / "redis")
+        stack.callback(server.stop)
+        server.start()
+        return server.url, f"private redis-server at {server.url}"
+
+    def _settings(self, url: str) -> Settings:
+        return Settings(
+            redis_url=url,
+            broker_url=url,
+            result_backend=url,
+            key_prefix=self.prefix,
+            celery_key_prefix=self.prefix,
+            default_queue=self.queue,
+            task_modules="workers.examples",
+        )
+
+    def _start_workers(self, settings: Settings, stack: contextlib.ExitStack) -> list[_Worker]:
+        cwd = Path.cwd()
+        # The workers get this environment with the demo's settings on top; nothing
+        # of ours is configured through it but what is set here.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+        env.update(
+            ORCHESTRATOR_REDIS_URL=settings.redis_url,
+            ORCHESTRATOR_BROKER_URL=settings.broker_url,
+            ORCHESTRATOR_RESULT_BACKEND=settings.result_backend,
+            ORCHESTRATOR_KEY_PREFIX=settings.key_prefix,
+            ORCHESTRATOR_CELERY_KEY_PREFIX=settings.celery_key_prefix,
+            ORCHESTRATOR_DEFAULT_QUEUE=settings.default_queue,
+            ORCHESTRATOR_TASK_MODULES=settings.task_modules,
+            PYTHONPATH=os.pathsep.join(
+                dict.fromkeys([str(cwd), *filter(None, env.get("PYTHONPATH", "").split(":"))])
+            ),
+            PYTHONUNBUFFERED="1",
+        )
+        workers = [_Worker(i, self.queue, env, cwd, self.tmp) for i in range(1, WORKERS + 1)]
+        for w in workers:
+            stack.callback(w.stop)
+            w.start()
+        for w in workers:
+            w.wait_ready(READY_TIMEOUT_S)
+        return workers
+
+    # -- results ------------------------------------------------------------------------
+
+    def _report(self, client: Client, name: str, run_id: str) -> bool:
+        try:
+            client.wait(run_id, timeout=RUN_TIMEOUT_S)
+        except RunFailed:
+            pass
+        except TimeoutError:
+            self.console.print(
+                Text(f"\n{name}: still running after {RUN_TIMEOUT_S:g}s", style="red")
+            )
+            return False
+        run = client.get(run_id)
+        total = (run.finished_at or time.time()) - (run.created_at or time.time())
+        ok = run.status == "succeeded"
+        self.console.print()
+        self.console.print(
+            Text.assemble(
+                (name, "bold"),
+                f"  run {run.id}  ",
+                (run.status, "green" if ok else "red"),
+                f"  in {total * 1000:.0f} ms",
+            )
+        )
+        self.console.print(Text(f"  inputs:  {_short(DEMO_INPUTS[name])}"))
+        if ok:
+            self.console.print(Text(f"  outputs: {_short(run.outputs)}"))
+        else:
+            error = run.error or {}
+            self.console.print(
+                Text(f"  error:   {error.get('type')}: {error.get('message')}", style="red")
+            )
+        order = {sid: i for i, sid in enumerate(client.plan(run.flow, run.version).order)}
+        table = Table(
+            "step", "status", "attempts", "duration ms", "worker", box=None, padding=(0, 2)
+        )
+        for key in sorted(run.steps, key=lambda k: (order.get(k.split("[")[0], 1e9), k)):
+            s = run.steps[key]
+            table.add_row(
+                Text(key),
+                Text(s.status, style="green" if s.status == "succeeded" else "red"),
+                Text(str(s.attempts)),
+                Text(f"{s.duration * 1000:.0f}" if s.duration is not None else "-"),
+                Text(s.worker or "-"),
+            )
+        self.console.print(table)
+        return ok
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+def _probe(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+
+
+def _answers(url: str) -> bool:
+    try:
+        client = _probe(url)
+    except ValueError:
+        return False
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _delete_prefixed(url: str, prefix: str) -> None:
+    """Delete every key under the demo's prefix (SCAN, never KEYS or FLUSH)."""
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+    except (redis.RedisError, OSError):
+        pass  # a private server already stopped; nothing to clean
+    finally:
+        client.close()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise DemoError(what())
+        time.sleep(0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+class _PrivateRedis:
+    """A throw-away redis-server on a free loopback port, data in the demo's temp dir."""
+
+    def __init__(self, binary: str, data_dir: Path):
+        self.binary = binary
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / "redis.log"
+        self.port = _free_port()
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--dir", str(self.data_dir), "--save", "", "--appendonly", "no"],
+                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise DemoError(f"redis-server exited with {proc.returncode}:\n{_tail(log)}")
+            return _answers(self.url)
+
+        _wait(up, 10, lambda: f"redis-server did not answer PING in 10s:\n{_tail(log)}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+class _Worker:
+    """One ``celery worker`` subprocess in its own session, output in a log file."""
+
+    def __init__(self, index: int, queue: str, env: dict[str, str], cwd: Path, log_dir: Path):
+        self.name = f"demo{index}"
+        self.env = env
+        self.cwd = cwd
+        self.log = log_dir / f"{self.name}.log"
+        self.command = [
+            sys.executable, "-m", "celery", "-A", "orchestrator.worker", "worker",
+            "-l", "INFO", "-c", str(WORKER_CONCURRENCY), "-Q", queue,
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"{self.name}@%h",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() reaches the pool too
+            )
+
+    def wait_ready(self, timeout: float) -> None:
+        proc = self.proc
+        assert proc is not None
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise DemoError(
+                    f"worker {self.name} exited with {proc.returncode} before it was ready:\n"
+                    + _tail(self.log)
+                )
+            return " ready." in self.log.read_text(errors="replace")
+
+        _wait(
+            ready,
+            timeout,
+            lambda: f"worker {self.name} not ready after {timeout:g}s:\n{_tail(self.log)}",
+        )
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL to the whole group if it lingers."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
