@@ -79,3 +79,121 @@ def load(rows: list[dict], table: str) -> dict:
         "checksum": digest,
         "total": round(sum(r["amount"] for r in rows), 2),
     }
+
+
+# -- multi-system customer sync: CRM, billing and support, any of which may fail ---------
+
+
+def _digest(*parts: object) -> int:
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
+
+
+@shared_task(name="crm.fetch_customer")
+def crm_fetch_customer(customer_id: str) -> dict:
+    n = _digest("crm", customer_id)
+    return {
+        "id": customer_id,
+        "email": f"{customer_id}@example.com",
+        "plan": ["free", "pro", "enterprise"][n % 3],
+        "phone": f"+1555{n % 10_000:04d}",
+    }
+
+
+@shared_task(name="billing.fetch_account")
+def billing_fetch_account(customer_id: str) -> dict:
+    n = _digest("billing", customer_id)
+    return {
+        "customer": customer_id,
+        "email": f"{customer_id}@example.com",
+        "plan": ["free", "pro", "enterprise"][(n // 7) % 3],
+        "balance": n % 500,
+    }
+
+
+@shared_task(name="support.fetch_contact")
+def support_fetch_contact(customer_id: str, available: bool = True) -> dict:
+    if not available:
+        raise ConnectionError("support desk API is down (HTTP 503)")
+    n = _digest("support", customer_id)
+    return {
+        "customer": customer_id,
+        "phone": f"+1555{(n // 3) % 10_000:04d}",
+        "open_tickets": n % 4,
+    }
+
+
+@shared_task(name="sync.detect_conflicts")
+def detect_conflicts(crm: dict, billing: dict, support: dict | None) -> dict:
+    """The CRM is the source of truth: list what billing and support disagree on."""
+    billing_changes = {k: crm[k] for k in ("email", "plan") if billing.get(k) != crm[k]}
+    support_changes = (
+        {"phone": crm["phone"]} if support and support["phone"] != crm["phone"] else {}
+    )
+    return {
+        "billing": billing_changes,
+        "support": support_changes,
+        "fields": sorted(set(billing_changes) | set(support_changes)),
+        "support_reachable": support is not None,
+    }
+
+
+@shared_task(name="billing.update_account")
+def billing_update_account(customer_id: str, changes: dict) -> dict:
+    return {"system": "billing", "customer": customer_id, "updated": sorted(changes)}
+
+
+@shared_task(name="support.update_contact")
+def support_update_contact(customer_id: str, changes: dict) -> dict:
+    return {"system": "support", "customer": customer_id, "updated": sorted(changes)}
+
+
+@shared_task(name="sync.audit")
+def audit(customer_id: str, conflicts: dict, support_status: str) -> dict:
+    ctx = current_step()
+    return {
+        "customer": customer_id,
+        "fields": conflicts["fields"],
+        "support": support_status,
+        "run": ctx.run_id if ctx else None,
+    }
+
+
+# -- travel booking saga: each booking has a compensation -------------------------------
+
+
+@shared_task(name="travel.book_flight")
+def book_flight(traveller: str, destination: str) -> dict:
+    return {
+        "booking": f"FL-{_digest('flight', traveller, destination) % 100_000:05d}",
+        "to": destination,
+    }
+
+
+@shared_task(name="travel.book_hotel")
+def book_hotel(traveller: str, destination: str, nights: int) -> dict:
+    return {
+        "booking": f"HT-{_digest('hotel', traveller, destination) % 100_000:05d}",
+        "nights": nights,
+    }
+
+
+@shared_task(name="travel.book_car")
+def book_car(traveller: str, destination: str) -> dict:
+    return {"booking": f"CR-{_digest('car', traveller, destination) % 100_000:05d}"}
+
+
+@shared_task(name="travel.cancel")
+def cancel_booking(booking: str) -> dict:
+    return {"cancelled": booking}
+
+
+@shared_task(name="travel.charge")
+def charge(card: str, amount: int) -> dict:
+    if card == "declined":
+        raise PermissionError(f"card declined for {amount} EUR")
+    return {"charged": amount, "card": card[-4:]}
+
+
+@shared_task(name="travel.notify")
+def notify(traveller: str, message: str) -> str:
+    return f"to {traveller}: {message}"
