@@ -243,10 +243,13 @@ def validate(env: _Env, paths: tuple[str, ...], as_json: bool) -> None:
 @click.pass_obj
 def deploy(env: _Env, paths: tuple[str, ...], as_json: bool) -> None:
     """Store definitions in Redis; runs already going keep the version they started with."""
+    from .loader import load
+
+    loaded = load(list(paths), env.settings)  # all problems reported before Redis is asked
     client = env.client
     before = {f["name"]: f.get("version") for f in client.flows()}
     results = []
-    for d in client.deploy(*paths):
+    for d in client.deploy(*(lr.resource for lr in loaded)):
         change = (
             "new" if d.created else "unchanged" if before.get(d.name) == d.version else "updated"
         )
@@ -770,8 +773,8 @@ def _event_line(event: dict[str, Any]) -> str:
     for k, v in event.items():
         if k in ("id", "ts", "type", "step"):
             continue
-        if k == "error":
-            v = _error_text(v)
+        if k == "error" and isinstance(v, dict):  # the step is in its own column
+            v = f"{v.get('type') or 'Error'}: {v.get('message')}"
         elif not isinstance(v, str):
             v = json.dumps(v, ensure_ascii=False)
         details.append(f"{k}={v}")

@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 DEMO_INPUTS: dict[str, dict[str, Any]] = {
     "text": {"message": "hello big wide world"},
     "etl": {"pages": 3, "page_size": 50},
+    "customer-sync": {"customer_id": "c-42"},
+    "trip-booking": {"traveller": "ada", "destination": "Lisbon", "card": "4242424242424242"},
 }
+_STATUS_STYLES = {"succeeded": "green", "failed": "red", "skipped": "bright_black"}
 
 WORKERS = 2
 WORKER_CONCURRENCY = 2
@@ -65,7 +68,7 @@ def run_demo(
     console: Console | None = None,
 ) -> int:
     """Run every flow of ``flows_dir``; 0 when all succeeded, 1 otherwise."""
-    out = console or Console(highlight=False)
+    out = console or Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
     try:
         return _Demo(redis_url, Path(flows_dir), out).run()
@@ -233,7 +236,7 @@ class _Demo:
             s = run.steps[key]
             table.add_row(
                 Text(key),
-                Text(s.status, style="green" if s.status == "succeeded" else "red"),
+                Text(s.status, style=_STATUS_STYLES.get(s.status, "yellow")),
                 Text(str(s.attempts)),
                 Text(f"{s.duration * 1000:.0f}" if s.duration is not None else "-"),
                 Text(s.worker or "-"),
