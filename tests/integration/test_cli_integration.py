@@ -258,3 +258,32 @@ def test_worker_command_runs_steps_of_its_pool(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
+
+
+def test_demo_on_a_shared_redis_leaves_nothing_behind(
+    orch_env: dict[str, str], redis_server
+) -> None:
+    r = redis_server.client()
+    try:
+        sentinel = f"{orch_env['ORCHESTRATOR_KEY_PREFIX']}sentinel"
+        r.set(sentinel, "mine")
+        before = {k for k in r.scan_iter(count=1000) if not k.startswith(b"demo-")}
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "demo"],
+            cwd=REPO_ROOT,
+            env={**os.environ, "ORCHESTRATOR_REDIS_URL": redis_server.url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"{redis_server.url} (shared)" in proc.stdout
+        for name in ("text", "etl", "customer-sync", "trip-booking"):
+            assert f"\n{name}  run " in proc.stdout
+        assert "All example flows succeeded." in proc.stdout
+        assert not list(r.scan_iter(match="demo-*", count=1000))
+        assert r.get(sentinel) == b"mine"
+        after = {k for k in r.scan_iter(count=1000)}
+        assert before <= after
+    finally:
+        r.close()
