@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+import kombu.exceptions
 import redis
 import yaml
 from pydantic import TypeAdapter, ValidationError
@@ -112,6 +113,10 @@ class _Cli(click.Group):
             env = ctx.find_object(_Env)
             url = _redact(env.settings.redis_url) if env and env._settings else "Redis"
             _fail(f"cannot reach Redis at {url}: {exc} (set ORCHESTRATOR_REDIS_URL)")
+        except kombu.exceptions.OperationalError as exc:
+            env = ctx.find_object(_Env)
+            url = _redact(env.settings.broker_url) if env and env._settings else "the broker"
+            _fail(f"cannot reach the broker at {url}: {exc} (set ORCHESTRATOR_BROKER_URL)")
 
 
 def _console() -> Console:
@@ -576,10 +581,17 @@ def run(
         else:
             click.echo(started.id)
         return
-    if as_json:
-        final = _poll_until_done(client, started.id, timeout)
-    else:
-        final = _watch(client, started.id, timeout)
+    try:
+        if as_json:
+            final = _poll_until_done(client, started.id, timeout)
+        else:
+            final = _watch(client, started.id, timeout)
+    except KeyboardInterrupt:
+        _fail(
+            f"stopped waiting; run {started.id} goes on "
+            f"(`orchestrator runs logs {started.id} --follow`)",
+            code=130,
+        )
     _report_end(final, as_json)
 
 
