@@ -11,6 +11,7 @@ a new command is one decorated function added to the right group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -31,7 +32,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .errors import DefinitionError, OrchestratorError
+from .errors import DefinitionError, OrchestratorError, RunFailed
 from .model import FlowResource, format_duration, parse_duration
 from .settings import Settings
 from .store import ENDED
@@ -686,7 +687,7 @@ def _run_view(run: Run, order: list[str]) -> Group:
 
 @cli.group()
 def runs() -> None:
-    """Runs: list them, show one, read its event log."""
+    """Runs: list them, show one, read its event log, cancel or retry one."""
 
 
 @runs.command("ls")
@@ -756,6 +757,40 @@ def runs_show(env: _Env, run_id: str, as_json: bool) -> None:
             _text(_error_text(s.error), "red"),
         )
     console.print(table)
+
+
+@runs.command("cancel")
+@click.argument("run_id", metavar="ID")
+@json_option
+@click.pass_obj
+def runs_cancel(env: _Env, run_id: str, as_json: bool) -> None:
+    """Cancel a run: no new step starts, running steps are revoked, child runs cancelled."""
+    r = env.client.cancel(run_id)
+    if as_json:
+        _echo_json(r.as_dict())
+    else:
+        click.echo(f"run {r.id} {r.status}")
+
+
+@runs.command("retry")
+@click.argument("run_id", metavar="ID")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the run to end.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait at most.")
+@json_option
+@click.pass_obj
+def runs_retry(env: _Env, run_id: str, wait_: bool, timeout: float | None, as_json: bool) -> None:
+    """Restart a failed run from its failed step, reusing the outputs of succeeded steps."""
+    r = env.client.retry(run_id)
+    if wait_:
+        with contextlib.suppress(RunFailed):
+            env.client.wait(run_id, timeout=timeout)
+        r = env.client.get(run_id)
+    if as_json:
+        _echo_json(r.as_dict())
+    else:
+        click.echo(f"run {r.id} {r.status}")
+    if wait_ and r.status != "succeeded":
+        sys.exit(1)
 
 
 @runs.command("logs")

@@ -49,6 +49,15 @@ DEMO_INPUTS: dict[str, dict[str, Any]] = {
     "customer-sync": {"customer_id": "c-42"},
     "trip-booking": {"traveller": "ada", "destination": "Lisbon", "card": "4242424242424242"},
 }
+#: Further runs that show how a flow ends when something goes wrong: (flow, inputs, the
+#: status the run must end in). A declined card makes the saga undo its bookings.
+DEMO_SCENARIOS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "trip-booking",
+        {"traveller": "bob", "destination": "Oslo", "card": "declined"},
+        "compensated",
+    ),
+]
 _STATUS_STYLES = {"succeeded": "green", "failed": "red", "skipped": "bright_black"}
 
 WORKERS = 2
@@ -67,7 +76,7 @@ def run_demo(
     flows_dir: str | os.PathLike[str] = "flows",
     console: Console | None = None,
 ) -> int:
-    """Run every flow of ``flows_dir``; 0 when all succeeded, 1 otherwise."""
+    """Run every flow of ``flows_dir`` (and DEMO_SCENARIOS); 0 when all ended as expected."""
     out = console or Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
     try:
@@ -111,15 +120,23 @@ class _Demo:
             stack.callback(client.close)
             for d in client.deploy(self.flows_dir):
                 self.console.print(f"Deployed {d.name} (version {d.version})", markup=False)
-            started = {
-                name: client.trigger(name, inputs=DEMO_INPUTS[name]) for name in sorted(names)
-            }
+            started = [
+                (name, DEMO_INPUTS[name], "succeeded", client.trigger(name, DEMO_INPUTS[name]))
+                for name in sorted(names)
+            ]
+            started += [
+                (name, inputs, expect, client.trigger(name, inputs))
+                for name, inputs, expect in DEMO_SCENARIOS
+                if name in names
+            ]
             ok = True
-            for name, run in started.items():
-                ok = self._report(client, name, run.id) and ok
+            for name, inputs, expect, run in started:
+                ok = self._report(client, name, run.id, inputs, expect) and ok
             self.console.print(
                 Text(
-                    "All example flows succeeded." if ok else "Some example flows failed.",
+                    "All example runs ended as expected."
+                    if ok
+                    else "Some example runs did not end as expected.",
                     style="bold green" if ok else "bold red",
                 )
             )
@@ -198,7 +215,9 @@ class _Demo:
 
     # -- results ------------------------------------------------------------------------
 
-    def _report(self, client: Client, name: str, run_id: str) -> bool:
+    def _report(
+        self, client: Client, name: str, run_id: str, inputs: dict[str, Any], expect: str
+    ) -> bool:
         try:
             client.wait(run_id, timeout=RUN_TIMEOUT_S)
         except RunFailed:
@@ -210,7 +229,7 @@ class _Demo:
             return False
         run = client.get(run_id)
         total = (run.finished_at or time.time()) - (run.created_at or time.time())
-        ok = run.status == "succeeded"
+        ok = run.status == expect
         self.console.print()
         self.console.print(
             Text.assemble(
@@ -218,10 +237,11 @@ class _Demo:
                 f"  run {run.id}  ",
                 (run.status, "green" if ok else "red"),
                 f"  in {total * 1000:.0f} ms",
+                "" if expect == "succeeded" else f"  (expected: {expect})",
             )
         )
-        self.console.print(Text(f"  inputs:  {_short(DEMO_INPUTS[name])}"))
-        if ok:
+        self.console.print(Text(f"  inputs:  {_short(inputs)}"))
+        if run.status == "succeeded":
             self.console.print(Text(f"  outputs: {_short(run.outputs)}"))
         else:
             error = run.error or {}

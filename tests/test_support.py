@@ -84,7 +84,9 @@ def test_orch_env_isolates_module(orch_env: dict[str, str], redis_server: RedisS
     assert orch_env["ORCHESTRATOR_KEY_PREFIX"].startswith("t")
     assert orch_env["ORCHESTRATOR_KEY_PREFIX"].endswith(":")
     assert orch_env["ORCHESTRATOR_DEFAULT_QUEUE"].startswith("q")
-    assert orch_env["ORCHESTRATOR_TASK_MODULES"] == "workers.examples,tests.tasks"
+    assert (
+        orch_env["ORCHESTRATOR_TASK_MODULES"] == "workers.examples,tests.tasks,tests.control_tasks"
+    )
 
 
 def test_wait_for_returns_truthy_value() -> None:

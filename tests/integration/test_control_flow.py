@@ -410,3 +410,43 @@ spec:
     assert r.lrange(log, 0, -1) == ["fixed"]
     types = [e["type"] for e in client.events(run.id)]
     assert "run.retried" in types and types[-1] == "run.succeeded"
+
+
+def test_cli_cancel_and_retry(client, worker, redis_server, orch_env):
+    import os
+    import subprocess
+    import sys
+
+    flag = key()
+    r = redis_server.client(decode_responses=True)
+    r.set(flag, "broken")
+    name = deploy(
+        client,
+        f"""
+apiVersion: orchestrator/v1
+kind: Flow
+metadata: {{name: NAME}}
+spec:
+  steps: [{{id: fragile, task: ctl.fail_while, with: {{flag: {flag}}}}}]
+""",
+    )
+    env = {**os.environ, **orch_env}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    run = client.trigger(name)
+    with pytest.raises(RunFailed):
+        run.wait(timeout=30)
+    r.delete(flag)
+    done = cli("runs", "retry", run.id, "--wait", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    assert f"run {run.id} succeeded" in done.stdout
+    again = cli("runs", "cancel", run.id)
+    assert again.returncode == 1 and "succeeded" in again.stderr
