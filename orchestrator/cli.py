@@ -26,14 +26,13 @@ import kombu.exceptions
 import redis
 import yaml
 from pydantic import TypeAdapter, ValidationError
-from pydantic.json_schema import GenerateJsonSchema
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from .errors import DefinitionError, OrchestratorError, RunFailed
-from .model import FlowResource, format_duration, parse_duration
+from .model import FlowResource, format_duration
 from .settings import Settings
 from .store import ENDED
 
@@ -53,7 +52,6 @@ STATUS_STYLES = {
 }
 RUN_STATUSES = ("pending", "running", "waiting", *ENDED)
 SCHEMA_ID = "https://celery-orchestrator.invalid/schema/orchestrator-v1.json"
-DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"
 POLL_S = 0.2
 
 
@@ -283,21 +281,6 @@ def schema(output: str | None) -> None:
         click.echo(text, nl=False)
 
 
-class _SchemaGenerator(GenerateJsonSchema):
-    """Durations accept ``30s``/``250ms`` strings as well as numbers, as the loader does."""
-
-    def function_before_schema(self, schema: Any) -> Any:
-        if schema["function"].get("function") is parse_duration:
-            return {
-                "anyOf": [
-                    {"type": "number", "minimum": 0},
-                    {"type": "string", "pattern": DURATION_PATTERN},
-                ],
-                "description": "a duration: 250ms, 1.5s, 10m, 48h, 2d, or seconds",
-            }
-        return super().function_before_schema(schema)
-
-
 def definition_schema() -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of one definition document, in its camelCase form."""
     from .loader import KINDS
@@ -306,9 +289,7 @@ def definition_schema() -> dict[str, Any]:
     union: Any = models[0]
     for model in models[1:]:
         union = union | model
-    body = TypeAdapter(union).json_schema(
-        by_alias=True, mode="validation", schema_generator=_SchemaGenerator
-    )
+    body = TypeAdapter(union).json_schema(by_alias=True, mode="validation")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     Tag,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -59,10 +60,20 @@ def format_duration(seconds: float) -> str | float:
     return seconds
 
 
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str | float),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": "a duration: 250ms, 1.5s, 10m, 48h, 2d, or a number of seconds",
+        }
+    ),
 ]
 StepId = Annotated[str, Field(pattern=STEP_ID_RE)]
 Expression = str | bool
