@@ -25,8 +25,13 @@ test: venv lint
 demo: venv
 	$(BIN)/orchestrator demo
 
-bench: venv
-	$(BIN)/python -m benchmarks.run
+# Starts its own redis-server and workers; ~13 minutes on 2 cores. BENCH_ARGS=--quick for a smoke run.
+bench: venv $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(BIN)/python -m pip install -e '.[test,bench]'
+	touch $@
 
 format: venv
 	$(BIN)/ruff format .
