@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator import (
     Client,
@@ -184,6 +185,70 @@ def test_parallel_with_a_nested_sequence_branch(client, name) -> None:
     assert run.steps["after"].output == {"fan": {"single": 2, "chained": 12}}
 
 
+def test_long_sequence_continues_across_segments(client, name, settings) -> None:
+    n = settings.chain_segment + 8  # the first segment's tail publishes the rest
+
+    def output_of(i: int) -> str:
+        return "${steps.s" + str(i) + ".output}"
+
+    steps = [{"id": "s0", "task": "tests.add", "with": {"a": 0, "b": 1}}]
+    for i in range(1, n):
+        steps.append({"id": f"s{i}", "task": "tests.add", "with": {"a": output_of(i - 1), "b": 1}})
+    outputs = {"n": output_of(n - 1)}
+    deploy(client, name, yaml.safe_dump({"steps": steps, "outputs": outputs}))
+    run = client.trigger(name)
+    assert run.wait(timeout=30) == {"n": n}
+    assert [run.steps[f"s{i}"].output for i in range(n)] == list(range(1, n + 1))
+
+
+def test_parallel_of_one_branch(client, name) -> None:
+    deploy(
+        client,
+        name,
+        """
+        steps:
+          - id: fan
+            parallel:
+              - {id: only, task: tests.add, with: {a: 1, b: 2}}
+          - {id: after, task: tests.echo, with: {fan: "${steps.fan.output}"}}
+        outputs:
+          after: "${steps.after.output}"
+        """,
+    )
+    run = client.trigger(name)
+    assert run.wait(timeout=30) == {"after": {"fan": {"only": 3}}}
+
+
+def test_when_on_a_parallel(client, name) -> None:
+    deploy(
+        client,
+        name,
+        """
+        inputs:
+          go: {type: boolean, required: true}
+        steps:
+          - id: fan
+            when: "${inputs.go}"
+            parallel:
+              - {id: a, task: tests.add, with: {a: 1, b: 1}}
+              - {id: b, task: tests.add, with: {a: 2, b: 2}}
+          - {id: after, task: tests.echo, with: {fan: "${steps.fan.output}"}}
+        outputs:
+          fan: "${steps.after.output.fan}"
+        """,
+    )
+    taken = client.trigger(name, inputs={"go": True})
+    assert taken.wait(timeout=30) == {"fan": {"a": 2, "b": 4}}
+    skipped = client.trigger(name, inputs={"go": False})
+    assert skipped.wait(timeout=30) == {"fan": None}
+    assert {k: skipped.steps[k].status for k in ("fan", "a", "b", "after")} == {
+        "fan": "skipped",
+        "a": "skipped",
+        "b": "skipped",
+        "after": "succeeded",
+    }
+
+
 def test_wide_parallel_fans_in_through_the_redis_counter(
     settings, name, worker_factory, orch_env
 ) -> None:
@@ -224,6 +289,35 @@ def test_wide_parallel_fans_in_through_the_redis_counter(
         assert narrow.store.r.hget(narrow.store.run_key(run.id), "f:fan") == "1"
         assert event_types(narrow, run.id, "fan").count("step.succeeded") == 1
         assert event_types(narrow, run.id, "after") == ["step.started", "step.succeeded"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: whether a parallel is a native chord is decided from each process's "
+    "own ORCHESTRATOR_NATIVE_CHORD_MAX (compiler.Plan._is_static), not stored with the "
+    "version or carried in the message. A producer with a smaller value than the worker "
+    "publishes the parallel step alone; the worker's plan calls it static and "
+    "runtime._run_parallel takes the message for a chord body: the step 'succeeds' with "
+    "every branch output null and no branch ever runs.",
+)
+def test_producer_and_worker_disagreeing_on_native_chord_max(settings, name) -> None:
+    with Client(settings.model_copy(update={"native_chord_max": 2})) as producer:
+        deploy(
+            producer,
+            name,
+            """
+            steps:
+              - id: fan
+                parallel:
+                  - {id: a, task: tests.add, with: {a: 1, b: 1}}
+                  - {id: b, task: tests.add, with: {a: 2, b: 2}}
+                  - {id: c, task: tests.add, with: {a: 3, b: 3}}
+            outputs:
+              fan: "${steps.fan.output}"
+            """,
+        )
+        run = producer.trigger(name)  # the module's worker has the default (64)
+        assert run.wait(timeout=30) == {"fan": {"a": 2, "b": 4, "c": 6}}
 
 
 @pytest.mark.xfail(
