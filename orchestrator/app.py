@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from celery import Celery
 
@@ -40,12 +44,52 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
+_untracked = threading.local()
+
+
+@contextmanager
+def results_untracked() -> Iterator[None]:
+    """Publish canvas without registering its results with the result backend.
+
+    ``group.apply_async`` (so every chord) hands each member's result to the backend's
+    consumer for a readiness barrier; with the Redis backend that is a pub/sub
+    subscription per member that nothing ever reads or releases (celery#4707, #5320),
+    so a long-lived producer leaks channels. Steps keep no Celery results (outputs live
+    in run state), so the orchestrator publishes its canvas inside this block.
+    """
+    before = getattr(_untracked, "on", False)
+    _untracked.on = True
+    try:
+        yield
+    finally:
+        _untracked.on = before
+
+
+class OrchestratorCelery(Celery):
+    """Celery whose result backend skips result tracking inside :func:`results_untracked`."""
+
+    def _get_backend(self) -> Any:
+        backend = super()._get_backend()
+        track = getattr(backend, "add_pending_result", None)
+        if track is not None:
+
+            def add_pending_result(
+                result: Any, weak: bool = False, start_drainer: bool = True
+            ) -> Any:
+                if getattr(_untracked, "on", False):
+                    return result
+                return track(result, weak=weak, start_drainer=start_drainer)
+
+            backend.add_pending_result = add_pending_result
+        return backend
+
+
 def create_app(
     settings: Settings | None = None, main: str = "orchestrator", set_as_current: bool = True
 ) -> Celery:
     """A Celery app wired to the orchestrator's step task."""
     settings = settings or get_settings()
-    app = Celery(main, set_as_current=set_as_current)
+    app = OrchestratorCelery(main, set_as_current=set_as_current)
     app.conf.update(celery_config(settings))
     app.conf.orchestrator_settings = settings
     # Registers orchestrator.step on this app (it is a shared task).

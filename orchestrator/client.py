@@ -19,7 +19,7 @@ from .errors import FlowStopped, InvalidState, NotFound, RunFailed
 from .inputs import validate_inputs
 from .loader import Loaded, load, load_string, validate_flow, version_of
 from .model import FlowResource
-from .runtime import notify_parent, start_run
+from .runtime import notify_parent, publish, start_run
 from .settings import Settings
 from .store import ACTIVE, ENDED, RedisStore
 
@@ -264,7 +264,7 @@ class Client:
             "running",
             {"ts": time.time(), "type": "run.retried", "step": start.id},
         )
-        CanvasBuilder(self.app, plan, run_id).from_node(start).apply_async()
+        publish(self.app, [CanvasBuilder(self.app, plan, run_id).from_node(start)])
         return self.get(run_id)
 
     def _state_error(self, run_id: str, exc: Exception, what: str) -> Exception:

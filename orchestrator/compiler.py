@@ -335,15 +335,21 @@ class CanvasBuilder:
         self.kwargs = kwargs or {}  # e.g. the recovery phase, carried by every signature
 
     def signature(
-        self, node: Node, path: tuple[int, ...], tail: bool, ignore_result: bool = True
+        self, node: Node, path: tuple[int, ...], tail: bool, join: bool = False
     ) -> Signature:
         opts = {k: v for k, v in node.options.items() if k != "rate_limit"}
         opts["shadow"] = f"{self.plan.name}.{node_key(node.id, path)}"
-        opts["ignore_result"] = ignore_result
+        # No step keeps a Celery result: outputs live in run state. Chord members report
+        # to the chord all the same (the backend's on_chord_part_return runs whether or not
+        # the result is stored), and the producer subscribes to no result channel.
+        opts["ignore_result"] = True
+        kwargs = dict(self.kwargs)
+        if join:  # said in the message: the worker may be configured differently
+            kwargs["join"] = True
         return self.app.signature(
             STEP_TASK,
             args=(self.run_id, self.plan.name, self.plan.version, node.id, list(path), tail),
-            kwargs=dict(self.kwargs),
+            kwargs=kwargs,
             immutable=True,
             **opts,
         )
@@ -378,13 +384,9 @@ class CanvasBuilder:
         branches = []
         for branch in node.step.parallel:  # type: ignore[union-attr]
             leaves = list(self.plan._flat_tasks(self.plan.nodes[branch.id]))
-            sigs = [
-                # Only the branch's last task reports to the chord, so only it keeps a result.
-                self.signature(leaf, path, tail=False, ignore_result=i < len(leaves) - 1)
-                for i, leaf in enumerate(leaves)
-            ]
+            sigs = [self.signature(leaf, path, tail=False) for leaf in leaves]
             branches.append(sigs[0] if len(sigs) == 1 else chain(*sigs))
-        return chord(group(branches), self.signature(node, path, tail=False))
+        return chord(group(branches), self.signature(node, path, tail=False, join=True))
 
 
 def _mark_tail(sig: Signature) -> None:

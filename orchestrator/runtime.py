@@ -34,6 +34,7 @@ from celery._state import _task_stack
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from . import expressions
+from .app import results_untracked
 from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, node_key, retry_countdown
 from .errors import ExpressionError, OrchestratorError, StepError
 from .model import FlowResource
@@ -122,12 +123,13 @@ def step_task(
     phase: str | None = None,
     rindex: int = 0,
     resume: str | None = None,
+    join: bool = False,
 ) -> None:
     """Execute one step of a run (see the module docstring)."""
     eng = engine_for(self.app)
     plan = eng.plan(flow, version)
     x = Execution(eng, self, plan, plan.nodes[node_id], run_id, tuple(path), tail)
-    x.deferred, x.phase, x.rindex = deferred, phase, rindex
+    x.deferred, x.phase, x.rindex, x.join = deferred, phase, rindex, join
     x.attempt = (self.request.retries or 0) + 1 - deferred
     if resume is not None:
         x.resume_subflow(resume)
@@ -154,7 +156,7 @@ class Execution:
         self.eng, self.store, self.task, self.plan = eng, eng.store, task, plan
         self.node, self.run_id, self.path, self.tail = node, run_id, path, tail
         self.key = node_key(node.id, path)
-        self.deferred, self.phase, self.rindex = 0, None, 0
+        self.deferred, self.phase, self.rindex, self.join = 0, None, 0, False
         req = task.request
         self.attempt = (req.retries or 0) + 1
         self.task_id = req.id or ""
@@ -352,7 +354,7 @@ class Execution:
     def _run_parallel(self) -> None:
         node = self.node
         branches = [b.id for b in node.step.parallel]  # type: ignore[union-attr]
-        if node.static:  # the chord's body: every branch has ended, collect their outputs
+        if self.join:  # the chord's body: every branch has ended, collect their outputs
             final = self.tail and self.plan.is_final(node)
             fields = self._fields(set(branches), final)
             if self._stop(self._begin(mark=True, fields=fields)):
@@ -899,14 +901,19 @@ class Execution:
             notify_parent(self.task.app, json.loads(raw), self.run_id)
 
     def _publish(self, sigs: list) -> None:
-        with self.task.app.producer_or_acquire() as producer:
-            for sig in sigs:
-                sig.apply_async(producer=producer)
+        publish(self.task.app, sigs)
+
+
+def publish(app: Celery, sigs: list) -> None:
+    """Send canvas on one producer connection, tracking no Celery results (see app.py)."""
+    with results_untracked(), app.producer_or_acquire() as producer:
+        for sig in sigs:
+            sig.apply_async(producer=producer)
 
 
 def notify_parent(app: Celery, parent: dict[str, Any], child_id: str) -> None:
     """Send the parent's subflow step the message that resumes it."""
-    app.signature(
+    sig = app.signature(
         STEP_TASK,
         args=(
             parent["run"],
@@ -920,7 +927,8 @@ def notify_parent(app: Celery, parent: dict[str, Any], child_id: str) -> None:
         immutable=True,
         shadow=f"{parent['flow']}.{node_key(parent['step'], parent['path'])}",
         ignore_result=True,
-    ).apply_async()
+    )
+    publish(app, [sig])
 
 
 def start_run(
@@ -957,7 +965,7 @@ def start_run(
         return run_id
     canvas = CanvasBuilder(app, plan, run_id).from_node(plan.first(plan.top))
     try:
-        canvas.apply_async()
+        publish(app, [canvas])
     except Exception as exc:
         error = {"type": type(exc).__name__, "message": f"could not publish: {exc}", "step": None}
         store.move_run(

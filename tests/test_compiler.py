@@ -159,8 +159,10 @@ def test_parallel_is_a_chord_of_a_group_and_a_join(app) -> None:
     assert [s.args[3] for s in ch.tasks] == ["b1", "b2"]
     assert ch.body.task == "orchestrator.step"
     assert ch.body.args == ("run-1", "demo", "v1", "p", [], True)
-    # Header tasks report to the chord (keep their result); the join is the tail.
-    assert all(s.options["ignore_result"] is False for s in ch.tasks)
+    # The message says it is the chord's join (not each worker's settings), and no
+    # signature keeps a Celery result: outputs live in run state.
+    assert ch.body.kwargs == {"join": True}
+    assert all(s.options["ignore_result"] is True for s in [*ch.tasks, ch.body])
     assert tails(canvas) == ["p"]
 
 
@@ -180,8 +182,7 @@ def test_branch_that_is_a_sequence_is_a_chain_inside_the_group(app) -> None:
     assert shape(canvas) == [{"chord": ["b", ["c", "d"]]}, "p"]
     inner = canvas.tasks[1]
     assert isinstance(inner, _chain)
-    # Only the branch's last task reports to the chord.
-    assert [s.options["ignore_result"] for s in inner.tasks] == [True, False]
+    assert [s.options["ignore_result"] for s in inner.tasks] == [True, True]
 
 
 def test_parallel_wider_than_native_chord_max_is_one_runtime_signature(app) -> None:

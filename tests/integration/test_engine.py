@@ -53,26 +53,6 @@ def r(redis_server):
     conn.close()
 
 
-def release_result_subscriptions(client: Client) -> None:
-    """Unsubscribe what ``client.trigger`` left subscribed (the engine bug that
-    ``test_trigger_leaves_no_result_subscriptions_behind`` shows), while Redis is up.
-
-    Left alone, every leaked result retries its unsubscribe against the stopped
-    redis-server when the interpreter exits, which adds most of a minute to the run.
-    """
-    backend = client.app.backend
-    for mapping in getattr(backend, "_pending_results", ()):
-        for waiters in list(mapping.values()):
-            for result in list(waiters.values()):
-                backend.remove_pending_result(result)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_module_client(client):
-    yield
-    release_result_subscriptions(client)
-
-
 def deploy(client: Client, name: str, spec: str) -> Deployed:
     """Deploy a Flow whose ``spec`` is the given YAML."""
     body = textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ")
@@ -291,15 +271,6 @@ def test_wide_parallel_fans_in_through_the_redis_counter(
         assert event_types(narrow, run.id, "after") == ["step.started", "step.succeeded"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: whether a parallel is a native chord is decided from each process's "
-    "own ORCHESTRATOR_NATIVE_CHORD_MAX (compiler.Plan._is_static), not stored with the "
-    "version or carried in the message. A producer with a smaller value than the worker "
-    "publishes the parallel step alone; the worker's plan calls it static and "
-    "runtime._run_parallel takes the message for a chord body: the step 'succeeds' with "
-    "every branch output null and no branch ever runs.",
-)
 def test_producer_and_worker_disagreeing_on_native_chord_max(settings, name) -> None:
     with Client(settings.model_copy(update={"native_chord_max": 2})) as producer:
         deploy(
@@ -320,15 +291,6 @@ def test_producer_and_worker_disagreeing_on_native_chord_max(settings, name) -> 
         assert run.wait(timeout=30) == {"fan": {"a": 2, "b": 4, "c": 6}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Client.trigger (client.py, canvas.apply_async()) publishes a native "
-    "chord from the producer; Celery's Redis result backend then subscribes the producer to "
-    "the result channel of every chord header task (RedisBackend.on_task_call) and nothing "
-    "ever reads or releases them (celery#4707, #5320, #4824; #10477: deadlock in "
-    "AsyncResult.__del__). A long-lived producer (API, beat) leaks a pub/sub channel and a "
-    "pending AsyncResult per branch per run.",
-)
 def test_trigger_leaves_no_result_subscriptions_behind(settings, name, r) -> None:
     with Client(settings) as producer:
         deploy(
@@ -343,15 +305,12 @@ def test_trigger_leaves_no_result_subscriptions_behind(settings, name, r) -> Non
             """,
         )
         before = set(r.pubsub_channels("celery-task-meta-*"))
-        try:
-            runs = [producer.trigger(name) for _ in range(3)]
-            for run in runs:
-                run.wait(timeout=30)
-            gc.collect()
-            leaked = set(r.pubsub_channels("celery-task-meta-*")) - before
-            assert leaked == set(), f"{len(leaked)} result channels still subscribed"
-        finally:
-            release_result_subscriptions(producer)
+        runs = [producer.trigger(name) for _ in range(3)]
+        for run in runs:
+            run.wait(timeout=30)
+        gc.collect()
+        leaked = set(r.pubsub_channels("celery-task-meta-*")) - before
+        assert leaked == set(), f"{len(leaked)} result channels still subscribed"
 
 
 # -- when and onError ------------------------------------------------------------------
