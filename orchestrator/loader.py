@@ -11,6 +11,7 @@ problems are reported at once.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from . import expressions
 from .compiler import hard_time_limit
 from .errors import DefinitionError, ExpressionError, Problem
 from .model import (
+    _KIND_OF_CLASS,
     API_VERSION,
     AnyStep,
     FlowResource,
@@ -160,7 +162,14 @@ def parse_document(
     try:
         resource = model.model_validate(data)
     except ValidationError as exc:
-        problems.extend(problems_from_validation_error(exc, doc))
+        typos = _step_kind_problems(exc, doc)
+        covered = {step_path for step_path, _ in typos}
+        problems.extend(problem for _, problem in typos)
+        problems.extend(
+            p
+            for p in problems_from_validation_error(exc, doc, known_fields=_known_fields)
+            if not (p.message.startswith("a step needs exactly one") and p.path in covered)
+        )
         return None
     found = check_flow(resource, settings)
     for path, message in found:
@@ -180,6 +189,55 @@ def version_of(resource: Resource) -> str:
     doc = resource.document()
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# -- better messages for step typos -------------------------------------------------------
+
+_TAG_MODELS = {tag: cls for cls, tag in _KIND_OF_CLASS.items()}
+_STEP_FIELDS = {
+    alias
+    for cls in _TAG_MODELS.values()
+    for name, info in cls.model_fields.items()
+    for alias in (info.alias or name,)
+}
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    """The fields allowed where an unknown one was found (for "did you mean")."""
+    for part in reversed(loc):
+        if isinstance(part, str) and part in _TAG_MODELS:
+            cls = _TAG_MODELS[part]
+            return [info.alias or name for name, info in cls.model_fields.items()]
+    return []
+
+
+def _step_kind_problems(exc: ValidationError, doc: SourceDoc) -> list[tuple[str, Problem]]:
+    """A step with no kind usually has a misspelt kind field: name it and suggest one.
+
+    Returns (path of the step, problem) pairs; the generic "needs exactly one kind"
+    message is dropped for the steps these explain.
+    """
+    out = []
+    for error in exc.errors(include_url=False):
+        value = error["input"]
+        if error["type"] != "step_kind" or not isinstance(value, dict):
+            continue
+        loc = tuple(error["loc"])
+        for key in (k for k in value if k not in _STEP_FIELDS):
+            close = difflib.get_close_matches(key, _STEP_FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(
+                (
+                    format_path(loc),
+                    Problem(
+                        f"unknown field {key!r}{hint}",
+                        doc.file,
+                        doc.line_of((*loc, key)),
+                        format_path((*loc, key)),
+                    ),
+                )
+            )
+    return out
 
 
 # -- flow checks -------------------------------------------------------------------------
