@@ -31,9 +31,17 @@ def noop(**_: Any) -> None:
 
 
 @shared_task(name="bench.fibo")
-def fibo(n: int) -> int:
-    """CPU-bound work of a chosen size: recursive Fibonacci (fibo(30) is ~0.2 s)."""
-    return _fib(n)
+def fibo(n: int, key: str | None = None) -> int:
+    """CPU-bound work of a chosen size: recursive Fibonacci (fibo(30) is ~0.2 s).
+
+    With ``key``, appends "start end" (wall clock) to that list, so the gap between one
+    step's end and the next one's start can be measured the same way on both sides.
+    """
+    start = time.time()
+    value = _fib(n)
+    if key:
+        _redis().rpush(key, f"{start!r} {time.time()!r}")
+    return value
 
 
 @shared_task(name="bench.stamp")
