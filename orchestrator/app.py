@@ -94,6 +94,7 @@ def create_app(
     app.conf.orchestrator_settings = settings
     # Registers orchestrator.step on this app (it is a shared task).
     importlib.import_module("orchestrator.runtime")
+    importlib.import_module("orchestrator.scheduler")  # and orchestrator.tick
     return app
 
 

@@ -257,12 +257,13 @@ def deploy(env: _Env, paths: tuple[str, ...], as_json: bool) -> None:
         change = (
             "new" if d.created else "unchanged" if before.get(d.name) == d.version else "updated"
         )
-        results.append({"name": d.name, "version": d.version, "change": change})
+        results.append({"kind": d.kind, "name": d.name, "version": d.version, "change": change})
     if as_json:
         _echo_json(results)
         return
     for r in results:
-        click.echo(f"{r['name']}  version {r['version']}  {r['change']}")
+        prefix = "" if r["kind"] == "Flow" else f"{r['kind']} "
+        click.echo(f"{prefix}{r['name']}  version {r['version']}  {r['change']}")
 
 
 @cli.command()
@@ -335,11 +336,33 @@ def flows_ls(env: _Env, as_json: bool) -> None:
 @click.pass_obj
 def flows_view(env: _Env, name: str, as_json: bool) -> None:
     """Show a flow's current definition as YAML, with its version and state."""
+    from .model import ScheduleSpec
+    from .scheduler import upcoming
+
     info, resource = env.client.flow(name)
+    schedules = [
+        {
+            **sch,
+            "upcoming": upcoming(
+                ScheduleSpec.model_validate(
+                    {k: sch[k] for k in ("flow", "cron", "timezone", "inputs", "catchup")}
+                )
+            ),
+        }
+        for sch in env.client.schedules()
+        if sch["flow"] == name
+    ]
     if as_json:
-        _echo_json({"name": name, **info, "definition": resource.document()})
+        _echo_json(
+            {"name": name, **info, "definition": resource.document(), "schedules": schedules}
+        )
         return
     click.echo(f"# flow {name}: version {info.get('version')}, {info.get('state')}")
+    for sch in schedules:
+        times = ", ".join(_when(t) or "" for t in sch["upcoming"])
+        paused = " (paused: the flow is stopped)" if info.get("state") == "stopped" else ""
+        click.echo(f"# schedule {sch['name']}: {sch['cron']} {sch['timezone']}{paused}")
+        click.echo(f"#   next five: {times}")
     click.echo(yaml.safe_dump(resource.document(), sort_keys=False, allow_unicode=True), nl=False)
 
 
@@ -668,7 +691,7 @@ def _run_view(run: Run, order: list[str]) -> Group:
 
 @cli.group()
 def runs() -> None:
-    """Runs: list them, show one, read its event log, cancel or retry one."""
+    """Runs: list, show, logs; cancel, retry; approve, reject, signal."""
 
 
 @runs.command("ls")
@@ -774,6 +797,45 @@ def runs_retry(env: _Env, run_id: str, wait_: bool, timeout: float | None, as_js
         sys.exit(1)
 
 
+@runs.command("approve")
+@click.argument("run_id", metavar="ID")
+@click.argument("step")
+@click.option("--by", required=True, help="Who decides (must be a listed approver).")
+@click.option("--comment", help="Why.")
+@click.pass_obj
+def runs_approve(env: _Env, run_id: str, step: str, by: str, comment: str | None) -> None:
+    """Approve a step that waits for a decision."""
+    env.client.approve(run_id, step, by=by, comment=comment)
+    click.echo(f"run {run_id} step {step} approved by {by}")
+
+
+@runs.command("reject")
+@click.argument("run_id", metavar="ID")
+@click.argument("step")
+@click.option("--by", required=True, help="Who decides (must be a listed approver).")
+@click.option("--comment", help="Why.")
+@click.pass_obj
+def runs_reject(env: _Env, run_id: str, step: str, by: str, comment: str | None) -> None:
+    """Reject a step that waits for a decision."""
+    env.client.reject(run_id, step, by=by, comment=comment)
+    click.echo(f"run {run_id} step {step} rejected by {by}")
+
+
+@runs.command("signal")
+@click.argument("run_id", metavar="ID")
+@click.argument("name")
+@click.option("--payload", default="null", help="The signal's payload, as JSON.")
+@click.pass_obj
+def runs_signal(env: _Env, run_id: str, name: str, payload: str) -> None:
+    """Send a named signal to a run (kept until a step waits for it)."""
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from exc
+    outcome = env.client.signal(run_id, name, value)
+    click.echo(f"signal {name} {outcome}")
+
+
 @runs.command("logs")
 @click.argument("run_id", metavar="ID")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events until the run ends.")
@@ -838,6 +900,21 @@ def worker(ctx: click.Context, pool_name: str | None, pools_file: str) -> None:
     from .worker import app
 
     app.worker_main(argv)
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.pass_context
+def beat(ctx: click.Context) -> None:
+    """Run Celery beat with the orchestrator's scheduler: it sends the tick that wakes
+    parked steps and fires schedules. Two beats may run; each fire time starts one run.
+
+    Other options go to Celery's beat as they are (-l, --max-interval, ...).
+    """
+    from .worker import app
+
+    app.start(["beat", "-S", "orchestrator.scheduler:Scheduler", *ctx.args])
 
 
 def pool_args(pools_file: str | Path, name: str) -> list[str]:

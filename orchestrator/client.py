@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import time
@@ -15,11 +16,21 @@ from celery import Celery
 
 from .app import create_app
 from .compiler import Block, CanvasBuilder, Plan, node_key
-from .errors import FlowStopped, InvalidState, NotFound, RunFailed
+from .errors import (
+    DefinitionError,
+    FlowStopped,
+    Forbidden,
+    InputError,
+    InvalidState,
+    NotFound,
+    Problem,
+    RunFailed,
+)
 from .inputs import validate_inputs
 from .loader import Loaded, load, load_string, validate_flow, version_of
-from .model import FlowResource
-from .runtime import notify_parent, publish, start_run
+from .model import FlowResource, ScheduleResource
+from .runtime import publish, run_ended, start_run, wake_step
+from .scheduler import next_fire
 from .settings import Settings
 from .store import ACTIVE, ENDED, RedisStore
 
@@ -90,7 +101,8 @@ class Run:
 class Deployed:
     name: str
     version: str
-    created: bool  # True when the flow was new
+    created: bool  # True when the flow (or schedule) was new
+    kind: str = "Flow"
 
 
 class Client:
@@ -124,13 +136,27 @@ class Client:
     ) -> list[Deployed]:
         """Store definitions (files, folders, YAML text, DSL flows); running runs keep theirs."""
         resources = [loaded.resource for loaded in self._load(sources)]
+        flows = [r for r in resources if isinstance(r, FlowResource)]
+        schedules = [r for r in resources if isinstance(r, ScheduleResource)]
+        for sched in schedules:  # check before storing anything
+            self._check_schedule(sched, {f.name: f for f in flows})
         out = []
-        for res in resources:
+        for res in flows:
             version = version_of(res)
             created = self.store.save_definition(
                 res.name, version, res.document(), res.spec.initial_state
             )
             out.append(Deployed(res.name, version, created))
+        for sched in schedules:
+            spec = sched.spec.model_dump(mode="json", by_alias=True)
+            old = self.store.schedules().get(sched.name)
+            # A new or re-timed schedule counts from now; an unchanged one keeps its place.
+            moved = old is None or (old["cron"], old["timezone"]) != (
+                spec["cron"],
+                spec["timezone"],
+            )
+            self.store.save_schedule(sched.name, spec, next_fire(sched.spec, time.time()), moved)
+            out.append(Deployed(sched.name, version_of(sched), old is None, "Schedule"))
         return out
 
     def _load(self, sources: Iterable[Any]) -> list[Loaded]:
@@ -143,12 +169,55 @@ class Client:
             if isinstance(src, FlowResource):
                 validate_flow(src, self.settings)
                 out.append(Loaded(src, None))
+            elif isinstance(src, ScheduleResource):
+                out.append(Loaded(src, None))
             elif isinstance(src, str) and "\n" in src:
                 out.extend(load_string(src, settings=self.settings))
             elif isinstance(src, str | os.PathLike):
                 out.extend(load(src, self.settings))
             else:
                 out.extend(self._load(src))
+        return out
+
+    def _check_schedule(self, sched: ScheduleResource, batch: dict[str, FlowResource]) -> None:
+        """A schedule must name a flow (deployed, or in the same deploy) it can start."""
+        flow = batch.get(sched.spec.flow)
+        if flow is None:
+            info = self.store.flow_info(sched.spec.flow)
+            if info is None:
+                raise DefinitionError(
+                    [
+                        Problem(
+                            f"schedule {sched.name!r} names flow {sched.spec.flow!r}, which is not "
+                            "deployed (deploy it first or in the same command)",
+                            None,
+                            None,
+                            "spec.flow",
+                        )
+                    ]
+                )
+            flow = self.plan(sched.spec.flow, info["version"]).resource
+        try:
+            validate_inputs(flow.spec.inputs, sched.spec.inputs)
+        except InputError as exc:
+            raise DefinitionError(
+                [Problem(f"schedule {sched.name!r}: {exc}", None, None, f"spec.inputs.{exc.field}")]
+            ) from None
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Deployed schedules with their next fire time and last run."""
+        out = []
+        for name, spec in sorted(self.store.schedules().items()):
+            state = self.store.schedule_state(name)
+            out.append(
+                {
+                    "name": name,
+                    **spec,
+                    "next": float(state["next"]) if state.get("next") else None,
+                    "last_run": state.get("last_run"),
+                    "error": state.get("error"),
+                }
+            )
         return out
 
     def flow(self, name: str) -> tuple[dict[str, str], FlowResource]:
@@ -212,7 +281,11 @@ class Client:
         except redis.ResponseError as exc:
             raise self._state_error(run_id, exc, "cancel") from None
         records = self.store.step_records(run_id)
-        running = {k: r for k, r in records.items() if r.get("status") in ("running", "retrying")}
+        running = {
+            k: r
+            for k, r in records.items()
+            if r.get("status") in ("running", "retrying", "waiting")
+        }
         task_ids = [r["task_id"] for r in running.values() if r.get("task_id")]
         if task_ids:
             self.app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
@@ -225,9 +298,62 @@ class Client:
             if name.startswith("c:"):
                 with contextlib.suppress(InvalidState, NotFound):
                     self.cancel(child)
-        if raw.get("parent"):
-            notify_parent(self.app, json.loads(raw["parent"]), run_id)
+        run_ended(self.store, self.app, run_id)
         return self.get(run_id)
+
+    # -- waits: signals and approvals ---------------------------------------------------
+
+    def signal(self, run_id: str, name: str, payload: Any = None) -> str:
+        """Send a named signal to a run: ``resumed`` a waiting step, or ``kept`` for a later one."""
+        event = {"ts": time.time(), "type": "signal.received", "step": "", "signal": name}
+        res = self.store.signal(run_id, name, payload, event)
+        if res[0] == "inactive":
+            if res[1] == "missing":
+                raise NotFound(f"run {run_id!r} does not exist")
+            raise InvalidState(f"run {run_id} is {res[1]}: it takes no more signals")
+        if res[0] == "resume":
+            self._wake(run_id, res[1])
+            return "resumed"
+        return "kept"
+
+    def approve(self, run_id: str, step: str, by: str, comment: str | None = None) -> None:
+        """Approve a waiting approval step (only a listed approver may, when some are listed)."""
+        self._decide(run_id, step, "approved", by, comment)
+
+    def reject(self, run_id: str, step: str, by: str, comment: str | None = None) -> None:
+        """Reject a waiting approval step; the flow reads the decision from its output."""
+        self._decide(run_id, step, "rejected", by, comment)
+
+    def _decide(self, run_id: str, step: str, decision: str, by: str, comment: str | None) -> None:
+        now = time.time()
+        value = {
+            "decision": decision,
+            "by": by,
+            "comment": comment,
+            "at": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(),
+        }
+        event = {"ts": now, "type": f"step.{decision}", "step": step, "by": by, "comment": comment}
+        res = self.store.decide(run_id, step, by, value, event)
+        if res[0] == "forbidden":
+            raise Forbidden(
+                f"{by!r} may not decide step {step!r} of run {run_id}: its "
+                f"approvers are {', '.join(json.loads(res[1]))}"
+            )
+        if res[0] == "inactive":
+            if res[1] == "missing":
+                raise NotFound(f"run {run_id!r} does not exist")
+            raise InvalidState(f"run {run_id} is {res[1]}")
+        if res[0] == "not_waiting":
+            raise InvalidState(f"step {step!r} of run {run_id} is not waiting for a decision")
+        if res[0] == "decided":
+            raise InvalidState(f"step {step!r} of run {run_id} is already decided")
+        self._wake(run_id, step)
+
+    def _wake(self, run_id: str, key: str) -> None:
+        flow, version = self.store.r.hmget(self.store.run_key(run_id), ["flow", "version"])
+        step, _, rest = key.partition("[")
+        path = [int(i) for i in rest.rstrip("]").split("][")] if rest else []
+        wake_step(self.app, run_id, flow, version, step, path)
 
     def retry(self, run_id: str) -> Run:
         """Restart a failed run from its failed step, reusing what had succeeded."""

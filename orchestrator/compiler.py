@@ -31,16 +31,19 @@ from celery.canvas import Signature, _chain
 from . import expressions
 from .model import (
     AnyStep,
+    ApprovalStep,
     FlowResource,
     ForEachStep,
     ParallelStep,
     RetryPolicy,
     SequenceStep,
+    SleepStep,
     StepDefaults,
     SubflowStep,
     SwitchStep,
     TaskStep,
     TryStep,
+    WaitStep,
     step_kind,
 )
 from .settings import Settings
@@ -147,6 +150,12 @@ class Plan:
         step, depth, sid = node.step, node.foreach_depth, node.id
         if isinstance(step, TaskStep | SubflowStep):
             node.refs |= expressions.step_refs(step.with_)
+        elif isinstance(step, ApprovalStep):
+            node.refs |= expressions.step_refs(step.approval.model_dump(by_alias=True))
+        elif isinstance(step, SleepStep | WaitStep):
+            node.refs |= expressions.step_refs(
+                step.until if isinstance(step, SleepStep) else step.wait.run
+            )
         elif isinstance(step, SequenceStep):
             self._add_block(f"{sid}/body", step.steps, sid, "body", depth)
         elif isinstance(step, ParallelStep):

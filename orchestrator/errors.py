@@ -62,6 +62,10 @@ class FlowStopped(OrchestratorError):
     """The flow is stopped and refuses triggers until it is started."""
 
 
+class Forbidden(OrchestratorError):
+    """The caller may not do this (e.g. decide an approval it is not an approver of)."""
+
+
 class InvalidState(OrchestratorError):
     """The operation does not apply to the run in its current status."""
 

@@ -28,14 +28,18 @@ from .model import (
     _KIND_OF_CLASS,
     API_VERSION,
     AnyStep,
+    ApprovalStep,
     FlowResource,
     ForEachStep,
     ParallelStep,
+    ScheduleResource,
     SequenceStep,
+    SleepStep,
     SubflowStep,
     SwitchStep,
     TaskStep,
     TryStep,
+    WaitStep,
 )
 from .settings import Settings
 from .yamlsource import (
@@ -47,9 +51,9 @@ from .yamlsource import (
     problems_from_validation_error,
 )
 
-KINDS = {"Flow": FlowResource}
+KINDS: dict[str, type] = {"Flow": FlowResource, "Schedule": ScheduleResource}
 
-Resource = FlowResource
+Resource = FlowResource | ScheduleResource
 
 
 @dataclass
@@ -171,7 +175,7 @@ def parse_document(
             if not (p.message.startswith("a step needs exactly one") and p.path in covered)
         )
         return None
-    found = check_flow(resource, settings)
+    found = check_flow(resource, settings) if isinstance(resource, FlowResource) else []
     for path, message in found:
         problems.append(Problem(message, doc.file, doc.line_of(path), format_path(path)))
     return None if found else Loaded(resource, doc)
@@ -354,6 +358,39 @@ class _FlowChecker:
                 self._block(step.finally_, (*path, "finally"), before | tried | caught)
             if not step.catch and not step.finally_:
                 self.problems.append((path, "a try step needs `catch`, `finally` or both"))
+        elif isinstance(step, ApprovalStep):
+            a = step.approval
+            self._refs(a.model_dump(by_alias=True), (*path, "approval"), before, sid)
+            if a.on_timeout == "escalate" and not (a.escalate_to and a.timeout):
+                self.problems.append(
+                    (
+                        (*path, "approval", "escalateTo"),
+                        "onTimeout: escalate needs escalateTo and a timeout",
+                    )
+                )
+        elif isinstance(step, SleepStep):
+            if (step.sleep is None) == (step.until is None):
+                self.problems.append(
+                    (path, "a sleep step has either `sleep: <duration>` or `until: <time>`")
+                )
+            if step.until is not None:
+                self._refs(step.until, (*path, "until"), before, sid)
+        elif isinstance(step, WaitStep):
+            w = step.wait
+            if (w.signal is None) == (w.flow is None and w.run is None):
+                self.problems.append(
+                    (
+                        (*path, "wait"),
+                        "wait for either `signal: NAME` or "
+                        "`flow: NAME` with `run: <run id expression>`",
+                    )
+                )
+            elif w.signal is None and not (w.flow and w.run):
+                self.problems.append(
+                    ((*path, "wait"), "waiting on a run needs both `flow` and `run`")
+                )
+            if w.run is not None:
+                self._refs(w.run, (*path, "wait", "run"), before, sid)
         if step.compensate is not None:
             self._step(step.compensate, (*path, "compensate"), before | {sid} | self._inside(step))
 

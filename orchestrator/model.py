@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -174,10 +176,51 @@ class SubflowStep(StepBase):
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
 
 
+class ApprovalSpec(_Model):
+    """Who may decide, for how long, and what happens when nobody does."""
+
+    approvers: list[str] = Field(default_factory=list)
+    message: str | None = None
+    timeout: Duration | None = None
+    on_timeout: Literal["reject", "approve", "escalate"] = Field("reject", alias="onTimeout")
+    escalate_to: list[str] | None = Field(None, alias="escalateTo")
+
+
+class ApprovalStep(StepBase):
+    """Wait for a human decision; the output is ``{decision, by, comment, at}``."""
+
+    approval: ApprovalSpec
+
+
+class SleepStep(StepBase):
+    """A durable wait: ``sleep`` a duration, or ``until`` a time (ISO 8601 or epoch seconds)."""
+
+    sleep: Duration | None = None
+    until: str | None = None
+
+
+class WaitSpec(_Model):
+    signal: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+    flow: str | None = Field(None, pattern=NAME_RE)
+    run: str | None = None
+    status: Literal["succeeded", "failed", "compensated", "cancelled"] = "succeeded"
+    timeout: Duration | None = None
+
+
+class WaitStep(StepBase):
+    """Wait for a named signal (output: its payload) or for another run to reach a status."""
+
+    wait: WaitSpec
+
+
 #: The key whose presence says what kind a step is, in the order they are tried.
 STEP_KINDS: dict[str, str] = {
     "task": "task",
     "flow": "subflow",
+    "approval": "approval",
+    "sleep": "sleep",
+    "until": "sleep",
+    "wait": "wait",
     "parallel": "parallel",
     "forEach": "forEach",
     "switch": "switch",
@@ -203,7 +246,10 @@ Step = Annotated[
     | Annotated[ForEachStep, Tag("forEach")]
     | Annotated[SwitchStep, Tag("switch")]
     | Annotated[TryStep, Tag("try")]
-    | Annotated[SubflowStep, Tag("subflow")],
+    | Annotated[SubflowStep, Tag("subflow")]
+    | Annotated[ApprovalStep, Tag("approval")]
+    | Annotated[SleepStep, Tag("sleep")]
+    | Annotated[WaitStep, Tag("wait")],
     Discriminator(
         step_kind,
         custom_error_type="step_kind",
@@ -212,7 +258,18 @@ Step = Annotated[
         ),
     ),
 ]
-AnyStep = TaskStep | SequenceStep | ParallelStep | ForEachStep | SwitchStep | TryStep | SubflowStep
+AnyStep = (
+    TaskStep
+    | SequenceStep
+    | ParallelStep
+    | ForEachStep
+    | SwitchStep
+    | TryStep
+    | SubflowStep
+    | ApprovalStep
+    | SleepStep
+    | WaitStep
+)
 
 _KIND_OF_CLASS: dict[type, str] = {
     TaskStep: "task",
@@ -222,6 +279,9 @@ _KIND_OF_CLASS: dict[type, str] = {
     SwitchStep: "switch",
     TryStep: "try",
     SubflowStep: "subflow",
+    ApprovalStep: "approval",
+    SleepStep: "sleep",
+    WaitStep: "wait",
 }
 
 
@@ -288,11 +348,62 @@ for _cls in (
     ForEachStep,
     SwitchStep,
     TryStep,
+    SubflowStep,
+    ApprovalStep,
+    SleepStep,
+    WaitStep,
     SwitchCase,
     FlowSpec,
     FlowResource,
 ):
     _cls.model_rebuild()
+
+
+class ScheduleSpec(_Model):
+    """When Celery beat starts runs of a flow."""
+
+    flow: str = Field(pattern=NAME_RE, max_length=63)
+    cron: str
+    timezone: str = "UTC"
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    catchup: Literal["skip", "once"] = "skip"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError(
+                f"expected a five-field cron expression like '0 2 * * *'; got {value!r}"
+            )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"expected an IANA time zone like 'Europe/Paris'; got {value!r}"
+            ) from None
+        return value
+
+
+class ScheduleResource(_Model):
+    """A ``kind: Schedule`` document."""
+
+    api_version: Literal["orchestrator/v1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["Schedule"] = "Schedule"
+    metadata: Metadata
+    spec: ScheduleSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def document(self) -> dict[str, Any]:
+        body = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        return {"apiVersion": self.api_version, "kind": self.kind, **body}
 
 
 def children(step: AnyStep) -> list[list[AnyStep]]:

@@ -17,6 +17,7 @@ itself deduplicated downstream.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, node_key, retry_coun
 from .errors import ExpressionError, OrchestratorError, StepError
 from .model import FlowResource
 from .settings import Settings
-from .store import NO_OUTPUT, RedisStore
+from .store import ENDED, NO_OUTPUT, RedisStore
 
 log = logging.getLogger("orchestrator.runtime")
 
@@ -124,6 +125,7 @@ def step_task(
     rindex: int = 0,
     resume: str | None = None,
     join: bool = False,
+    wake: bool = False,
 ) -> None:
     """Execute one step of a run (see the module docstring)."""
     eng = engine_for(self.app)
@@ -133,6 +135,8 @@ def step_task(
     x.attempt = (self.request.retries or 0) + 1 - deferred
     if resume is not None:
         x.resume_subflow(resume)
+    elif wake:
+        x.wake()
     else:
         x.run()
 
@@ -195,6 +199,9 @@ class Execution:
             "switch": self._run_switch,
             "try": self._run_try,
             "subflow": self._run_subflow,
+            "approval": self._run_approval,
+            "sleep": self._run_sleep,
+            "wait": self._run_wait,
         }.get(self.node.kind)
         if handler is None:
             self._fail(PermanentError(f"step kind {self.node.kind!r} is not supported"))
@@ -481,6 +488,204 @@ class Execution:
             self.run_id, [], [self._event("subflow.started", child=child)], recovery=self.recovery
         )
 
+    # -- durable waits: park the step, free the worker, resume on a signal or a timer --------
+
+    def _park(self, wait: dict[str, Any], ctx: dict[str, Any]) -> None:
+        """Mark the step waiting; a signal, decision, watched run or the timer tick wakes it."""
+        rec = self._running_record()
+        rec["status"] = "waiting"
+        entry = [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)]
+        event = self._event(
+            "step.waiting", wait={k: v for k, v in wait.items() if k not in ("kind",)}
+        )
+        verdict, payload = self.store.park(self.run_id, self.key, rec, wait, event, entry)
+        if verdict == "signalled":  # the signal came first and was kept for this wait
+            self._finish("succeeded", payload, ctx)
+
+    def _run_sleep(self) -> None:
+        if not self._gate():
+            return
+        step, ctx = self.node.step, self._context()
+        now = time.time()
+        try:
+            if step.sleep is not None:  # type: ignore[union-attr]
+                due = now + step.sleep  # type: ignore[union-attr]
+            else:
+                due = to_epoch(expressions.render(step.until, ctx))  # type: ignore[union-attr]
+        except (ExpressionError, ValueError) as exc:
+            self._failed(PermanentError(f"until: {exc}"), None, ctx)
+            return
+        if due <= now:
+            self._finish("succeeded", {"until": iso(due)}, ctx)
+            return
+        self._park({"kind": "sleep", "deadline": due}, ctx)
+
+    def _run_wait(self) -> None:
+        if not self._gate():
+            return
+        spec, ctx = self.node.step.wait, self._context()  # type: ignore[union-attr]
+        deadline = time.time() + spec.timeout if spec.timeout is not None else None
+        if spec.signal is not None:
+            self._park({"kind": "signal", "signal": spec.signal, "deadline": deadline}, ctx)
+            return
+        try:
+            target = str(expressions.render(spec.run, ctx))
+        except ExpressionError as exc:
+            self._failed(PermanentError(str(exc)), None, ctx)
+            return
+        wait = {
+            "kind": "run",
+            "run": target,
+            "flow": spec.flow,
+            "status": spec.status,
+            "deadline": deadline,
+        }
+        outcome = self._run_outcome(wait)
+        if outcome is not None:
+            self._conclude(outcome, ctx)
+            return
+        self._park(wait, ctx)
+        entry = [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)]
+        self.store.add_watcher(target, entry)
+        if self._run_outcome(wait) is not None:  # it ended while we registered: wake now
+            self.wake()
+
+    def _run_approval(self) -> None:
+        if not self._gate():
+            return
+        spec, ctx = self.node.step.approval, self._context()  # type: ignore[union-attr]
+        try:
+            approvers = [str(a) for a in expressions.render(spec.approvers, ctx)]
+            escalate = [str(a) for a in expressions.render(spec.escalate_to or [], ctx)]
+            message = expressions.render(spec.message, ctx) if spec.message else None
+        except ExpressionError as exc:
+            self._failed(PermanentError(str(exc)), None, ctx)
+            return
+        deadline = time.time() + spec.timeout if spec.timeout is not None else None
+        self._park(
+            {
+                "kind": "approval",
+                "approvers": approvers,
+                "escalateTo": escalate,
+                "onTimeout": spec.on_timeout,
+                "timeout": spec.timeout,
+                "deadline": deadline,
+                "message": message,
+            },
+            ctx,
+        )
+
+    def wake(self) -> None:
+        """Something woke a parked step: end it if its wait is over, else leave it parked."""
+        raw, decision, payload = self.store.read_fields(
+            self.run_id, [f"w:{self.key}", f"d:{self.key}", f"sp:{self.key}"]
+        )
+        if raw is None:
+            return  # not waiting (already resumed, or the run moved on)
+        wait = json.loads(raw)
+        now = time.time()
+        due = wait.get("deadline")
+        expired = due is not None and now >= due - 0.001
+        kind = wait["kind"]
+        outcome: tuple[str, Any] | None = None
+        if kind == "sleep":
+            outcome = ("succeeded", {"until": iso(due)}) if expired else None
+        elif kind == "signal":
+            if payload is not None:
+                outcome = ("succeeded", json.loads(payload))
+            elif expired:
+                outcome = ("timeout", f"signal {wait['signal']!r} did not arrive in time")
+        elif kind == "run":
+            outcome = self._run_outcome(wait)
+            if outcome is None and expired:
+                outcome = ("timeout", f"run {wait['run']} did not reach {wait['status']} in time")
+        elif kind == "approval":
+            if decision is not None:
+                outcome = ("succeeded", json.loads(decision))
+            elif expired:
+                if wait["onTimeout"] == "escalate" and not wait.get("escalated"):
+                    self._escalate(wait, now)
+                    return
+                verdict = "approved" if wait["onTimeout"] == "approve" else "rejected"
+                outcome = (
+                    "succeeded",
+                    {
+                        "decision": verdict,
+                        "by": None,
+                        "comment": "no decision before the timeout",
+                        "at": iso(now),
+                        "timedOut": True,
+                    },
+                )
+        if outcome is None:
+            if due is not None and not expired:  # woken early: keep the timer
+                self.store.add_timer(
+                    [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)],
+                    due,
+                )
+            return
+        if not self.store.unpark(self.run_id, self.key):
+            return  # someone else resumed it
+        self._read(
+            [
+                *self._fields(self.node.refs, self.tail and self.plan.is_final(self.node)),
+                f"s:{self.key}",
+            ]
+        )
+        self._adopt()
+        self._conclude(outcome, self._context())
+
+    def _conclude(self, outcome: tuple[str, Any], ctx: dict[str, Any]) -> None:
+        status, value = outcome
+        if status == "succeeded":
+            self._finish("succeeded", value, ctx)
+        else:
+            self._failed(
+                PermanentError(value),
+                None,
+                ctx,
+                error_type="Timeout" if status == "timeout" else "WaitFailed",
+            )
+
+    def _run_outcome(self, wait: dict[str, Any]) -> tuple[str, Any] | None:
+        """How a wait on another run ends now, or None while that run goes on."""
+        flow, status, outputs = self.store.r.hmget(
+            self.store.run_key(wait["run"]), ["flow", "status", "outputs"]
+        )
+        if status is None:
+            return ("failed", f"run {wait['run']} does not exist")
+        if wait.get("flow") and flow != wait["flow"]:
+            return ("failed", f"run {wait['run']} is a run of {flow}, not {wait['flow']}")
+        if status == wait["status"]:
+            return (
+                "succeeded",
+                {
+                    "run": wait["run"],
+                    "status": status,
+                    "outputs": json.loads(outputs) if outputs else None,
+                },
+            )
+        if status in ENDED:
+            return ("failed", f"run {wait['run']} ended {status}, not {wait['status']}")
+        return None
+
+    def _escalate(self, wait: dict[str, Any], now: float) -> None:
+        """No decision in time: the escalation approvers take over and the wait goes on."""
+        wait.update(
+            approvers=wait["escalateTo"], escalated=True, deadline=now + (wait.get("timeout") or 0)
+        )
+        self.store.set_fields(self.run_id, {f"w:{self.key}": wait})
+        self.store.complete_step(
+            self.run_id,
+            [],
+            [self._event("step.escalated", approvers=wait["approvers"])],
+            recovery=self.recovery,
+        )
+        self.store.add_timer(
+            [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)],
+            wait["deadline"],
+        )
+
     def resume_subflow(self, child_id: str) -> None:
         """The child run ended: end this step with its outputs, or fail with its error."""
         status, outputs, error = self.store.r.hmget(
@@ -626,7 +831,7 @@ class Execution:
             events.append(self._event("step.succeeded", key=k))
         final = None
         if self.tail and not self.recovery and self.plan.is_final(node):
-            final = self._final(ctx, node.id, status, output)
+            final = self._final(ctx, node.id, status, output, error)
             events.append(self._event(f"run.{final['status']}", key="", error=final.get("error")))
         compensable = (
             [json.dumps([node.id, list(path)])]
@@ -644,13 +849,24 @@ class Execution:
             self._advance(output)
 
     def _final(
-        self, ctx: dict[str, Any] | None, last: str, status: str, output: Any
+        self,
+        ctx: dict[str, Any] | None,
+        last: str,
+        status: str,
+        output: Any,
+        error: dict | None = None,
     ) -> dict[str, Any]:
         """The run's outcome once its last step ended: outputs rendered from step outputs."""
         self._read(self._fields(set(), final=True))
         ctx = self._context()
         steps = ctx["steps"]
-        steps[last] = {**steps.get(last, {}), "output": output, "status": status}
+        steps[last] = {
+            **steps.get(last, {}),
+            "output": output,
+            "status": status,
+            "error": error,
+            "attempts": self.attempt,
+        }
         for seq in self.plan.completed_sequences(self.node):
             steps[seq.id] = {"output": output, "status": "succeeded"}
         now = time.time()
@@ -895,10 +1111,8 @@ class Execution:
             self._propagate(error)
 
     def _notify_parent(self) -> None:
-        """A child run ended: wake the parent's subflow step."""
-        raw = self.store.read_fields(self.run_id, ["parent"])[0]
-        if raw:
-            notify_parent(self.task.app, json.loads(raw), self.run_id)
+        """The run ended: wake its parent's subflow step and steps waiting on it."""
+        run_ended(self.store, self.task.app, self.run_id)
 
     def _publish(self, sigs: list) -> None:
         publish(self.task.app, sigs)
@@ -909,6 +1123,28 @@ def publish(app: Celery, sigs: list) -> None:
     with results_untracked(), app.producer_or_acquire() as producer:
         for sig in sigs:
             sig.apply_async(producer=producer)
+
+
+def run_ended(store: RedisStore, app: Celery, run_id: str) -> None:
+    """Tell whoever waits on a run that it ended: its parent run, and watching steps."""
+    raw = store.read_fields(run_id, ["parent"])[0]
+    if raw:
+        notify_parent(app, json.loads(raw), run_id)
+    for run, flow, version, step, path in store.watchers(run_id):
+        wake_step(app, run, flow, version, step, path)
+
+
+def wake_step(app: Celery, run: str, flow: str, version: str, step: str, path: list[int]) -> None:
+    """Send a parked step the message that makes it look at its wait again."""
+    sig = app.signature(
+        STEP_TASK,
+        args=(run, flow, version, step, list(path), True),
+        kwargs={"wake": True},
+        immutable=True,
+        shadow=f"{flow}.{node_key(step, path)}",
+        ignore_result=True,
+    )
+    publish(app, [sig])
 
 
 def notify_parent(app: Celery, parent: dict[str, Any], child_id: str) -> None:
@@ -977,6 +1213,24 @@ def start_run(
         )
         raise
     return run_id
+
+
+def to_epoch(value: Any) -> float:
+    """A time given as epoch seconds or ISO 8601 (UTC when it names no zone)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a time, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        return when.timestamp()
+    raise ValueError(f"expected a time (ISO 8601 or epoch seconds), got {value!r}")
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 def new_run_id() -> str:

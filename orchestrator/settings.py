@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     #: Outputs larger than this many bytes are stored once, outside the run hash.
     large_output_bytes: int = Field(default=256 * 1024, ge=1024)
     default_queue: str = "default"
+    #: How often Celery beat sends the tick that wakes due timers and fires schedules.
+    tick_s: float = Field(default=1.0, gt=0)
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")

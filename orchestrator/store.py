@@ -13,6 +13,12 @@ braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
 ``P{R}:fanin:<key>``               set: arrivals at one fan-in (deleted when it fires)
 ``P{R}:comp``                      list: keys of succeeded steps that have ``compensate``,
                                    in order of completion (the saga's undo log)
+``P{R}:sig:<name>``                list: signals that arrived before a step waited for them
+``P{R}:watchers``                  list: steps of other runs waiting for this run to end
+``Ptimers``                        sorted set: parked steps by due time (JSON members)
+``Pschedules``                     hash: schedule name -> its spec (JSON)
+``Pschedule:<name>``               hash: ``next`` fire time, ``last`` fire, ``error``
+``Pfired:<name>:<time>``           string: one fire time claimed (two beats, one run)
 ``Pflows``                         set: deployed flow names
 ``Pflow:<name>``                   hash: ``version state deployed_at``
 ``Pflowdef:<name>:<version>``      string: the definition document (JSON), immutable
@@ -67,6 +73,10 @@ class RedisStore:
         self._fanin = self.r.register_script(_script("fanin"))
         self._recover = self.r.register_script(_script("begin_recovery"))
         self._arrive = self.r.register_script(_script("foreach_arrive"))
+        self._park = self.r.register_script(_script("park"))
+        self._unpark = self.r.register_script(_script("unpark"))
+        self._signal = self.r.register_script(_script("signal"))
+        self._decide = self.r.register_script(_script("decide"))
 
     def close(self) -> None:
         self.r.close()
@@ -84,6 +94,12 @@ class RedisStore:
 
     def comp_key(self, run_id: str) -> str:
         return f"{self.p}{{{run_id}}}:comp"
+
+    def signal_key(self, run_id: str, name: str) -> str:
+        return f"{self.p}{{{run_id}}}:sig:{name}"
+
+    def watchers_key(self, run_id: str) -> str:
+        return f"{self.p}{{{run_id}}}:watchers"
 
     # -- definitions --------------------------------------------------------------------
 
@@ -282,6 +298,98 @@ class RedisStore:
             args=[index, key, self.settings.retention_s],
         )
         return bool(fired), (None if int(nxt) < 0 else int(nxt))
+
+    # -- durable waits ----------------------------------------------------------------------
+
+    def park(
+        self,
+        run_id: str,
+        key: str,
+        record: dict[str, Any],
+        wait: dict[str, Any],
+        event: dict[str, Any],
+        wake: list[Any] | None,
+    ) -> tuple[str, Any]:
+        """Park a waiting step (see ``lua/park.lua``); ``wake`` is its timer entry, if any."""
+        signal = wait.get("signal") or ""
+        keys = [
+            self.run_key(run_id),
+            self.events_key(run_id),
+            self.signal_key(run_id, signal or "-"),
+        ]
+        res = self._park(keys=keys, args=[key, dumps(record), dumps(wait), dumps(event), signal])
+        if res[0] == "parked" and wake is not None and wait.get("deadline"):
+            self.add_timer(wake, wait["deadline"])
+        return res[0], (json.loads(res[1]) if len(res) > 1 else None)
+
+    def unpark(self, run_id: str, key: str) -> bool:
+        return bool(self._unpark(keys=[self.run_key(run_id)], args=[key]))
+
+    def signal(self, run_id: str, name: str, payload: Any, event: dict[str, Any]) -> list:
+        keys = [self.run_key(run_id), self.events_key(run_id), self.signal_key(run_id, name)]
+        return list(
+            self._signal(
+                keys=keys, args=[name, dumps(payload), dumps(event), self.settings.retention_s]
+            )
+        )
+
+    def decide(
+        self, run_id: str, key: str, by: str, decision: dict[str, Any], event: dict[str, Any]
+    ) -> list:
+        keys = [self.run_key(run_id), self.events_key(run_id)]
+        return list(self._decide(keys=keys, args=[key, by, dumps(decision), dumps(event)]))
+
+    def add_timer(self, entry: list[Any], due: float) -> None:
+        self.r.zadd(f"{self.p}timers", {dumps(entry): due})
+
+    def due_timers(self, now: float, limit: int = 500) -> list[list[Any]]:
+        """Timers that are due, each claimed by this caller alone (ZREM wins once)."""
+        members = self.r.zrangebyscore(f"{self.p}timers", "-inf", now, start=0, num=limit)
+        if not members:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for m in members:
+            pipe.zrem(f"{self.p}timers", m)
+        return [json.loads(m) for m, won in zip(members, pipe.execute(), strict=True) if won]
+
+    def add_watcher(self, target: str, entry: list[Any]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.watchers_key(target), dumps(entry))
+        pipe.expire(self.watchers_key(target), self.settings.retention_s)
+        pipe.execute()
+
+    def watchers(self, run_id: str) -> list[list[Any]]:
+        return [json.loads(v) for v in self.r.lrange(self.watchers_key(run_id), 0, -1)]
+
+    # -- schedules ----------------------------------------------------------------------------
+
+    def save_schedule(self, name: str, spec: dict[str, Any], next_fire: float, reset: bool) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(f"{self.p}schedules", name, dumps(spec))
+        if reset:
+            pipe.hset(f"{self.p}schedule:{name}", mapping={"next": next_fire})
+            pipe.hdel(f"{self.p}schedule:{name}", "error")
+        pipe.execute()
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.r.hgetall(f"{self.p}schedules").items()}
+
+    def schedule_state(self, name: str) -> dict[str, str]:
+        return self.r.hgetall(f"{self.p}schedule:{name}")
+
+    def set_schedule_state(self, name: str, **fields: Any) -> None:
+        self.r.hset(f"{self.p}schedule:{name}", mapping=fields)
+
+    def claim_fire(self, name: str, fire: float) -> bool:
+        """True for the one caller that fires ``name`` at ``fire`` (a lock per fire time)."""
+        return bool(
+            self.r.set(
+                f"{self.p}fired:{name}:{int(fire)}",
+                "1",
+                nx=True,
+                ex=max(self.settings.retention_s, 86400),
+            )
+        )
 
     def set_fields(self, run_id: str, fields: dict[str, Any]) -> None:
         self.r.hset(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import RedisServer, WorkerProcess
+from tests.support import BeatProcess, RedisServer, WorkerProcess
 
 # Workers owned by fixtures and not yet torn down; a failing test's report gets
 # the tail of each one's log.
@@ -205,6 +205,34 @@ def worker_factory(
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+def beat_factory(
+    orch_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., BeatProcess]]:
+    """Start ``celery beat`` processes with the orchestrator's scheduler (stopped at the end).
+
+    ``beat_factory(env=None)``: ``env`` is layered over ``orch_env`` (e.g. a faster
+    ``ORCHESTRATOR_TICK_S``).
+    """
+    made: list[BeatProcess] = []
+
+    def factory(env: Mapping[str, str] | None = None) -> BeatProcess:
+        b = BeatProcess(
+            env={**orch_env, **(env or {})},
+            log_dir=tmp_path_factory.mktemp("beat-logs", numbered=True),
+        )
+        _LIVE_WORKERS.append(b)
+        made.append(b)
+        b.start()
+        return b
+
+    try:
+        yield factory
+    finally:
+        for b in reversed(made):
+            _stop_worker(b)
 
 
 @pytest.fixture(scope="module")

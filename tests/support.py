@@ -291,6 +291,9 @@ class WorkerProcess:
     pool children down with it. stdout and stderr go to :attr:`log_path`.
     """
 
+    #: The log text that says the process is ready.
+    READY_MARK = " ready."
+
     def __init__(
         self,
         queues: str | Iterable[str],
@@ -409,7 +412,7 @@ class WorkerProcess:
         proc = self.proc
         assert proc is not None
         text = self._read_log(self._ready_offset)
-        if " ready." in text:
+        if self.READY_MARK in text:
             return True
         if proc.poll() is not None:
             raise AssertionError(
@@ -488,3 +491,20 @@ class WorkerProcess:
             f"<WorkerProcess {self.name} pid={self.pid} queues={','.join(self.queues)} "
             f"running={self.running}>"
         )
+
+
+class BeatProcess(WorkerProcess):
+    """``celery beat`` with the orchestrator's scheduler (it sends the tick), as a subprocess."""
+
+    READY_MARK = "beat: Starting..."
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("name", "beat")
+        super().__init__(["-"], **kwargs)
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "celery", "-A", self.app, "beat",
+            "-S", "orchestrator.scheduler:Scheduler", "-l", self.loglevel,
+        ]  # fmt: skip
