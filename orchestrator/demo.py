@@ -48,6 +48,16 @@ DEMO_INPUTS: dict[str, dict[str, Any]] = {
     "etl": {"pages": 3, "page_size": 50},
     "customer-sync": {"customer_id": "c-42"},
     "trip-booking": {"traveller": "ada", "destination": "Lisbon", "card": "4242424242424242"},
+    "expense-approval": {"employee": "eve", "amount": 1200, "reason": "conference trip"},
+    "nightly-report": {"day": "2026-11-22"},
+}
+#: Decisions the demo takes, as a person would, when a run waits for them:
+#: flow -> [(step, approver, "approve" | "reject", comment)].
+DEMO_DECISIONS: dict[str, list[tuple[str, str, str, str]]] = {
+    "expense-approval": [
+        ("manager_approval", "alice", "approve", "fine by me"),
+        ("head_approval", "bob", "approve", "within budget"),
+    ],
 }
 #: Further runs that show how a flow ends when something goes wrong: (flow, inputs, the
 #: status the run must end in). A declined card makes the saga undo its bookings.
@@ -129,6 +139,8 @@ class _Demo:
                 for name, inputs, expect in DEMO_SCENARIOS
                 if name in names
             ]
+            for name, _inputs, _expect, run in started:
+                self._decide(client, run.id, DEMO_DECISIONS.get(name, []))
             ok = True
             for name, inputs, expect, run in started:
                 ok = self._report(client, name, run.id, inputs, expect) and ok
@@ -214,6 +226,22 @@ class _Demo:
         return workers
 
     # -- results ------------------------------------------------------------------------
+
+    def _decide(self, client: Client, run_id: str, decisions: list) -> None:
+        """Act as the approvers: wait for each step to ask, then decide it."""
+        for step, by, verdict, comment in decisions:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while time.monotonic() < deadline:
+                run = client.get(run_id)
+                state = run.steps.get(step)
+                if run.done or (state is not None and state.status == "waiting"):
+                    break
+                time.sleep(0.1)
+            if state is None or state.status != "waiting":
+                continue
+            decide = client.approve if verdict == "approve" else client.reject
+            decide(run_id, step, by=by, comment=comment)
+            self.console.print(f"{run.flow}: {by} {verdict}s {step} ({comment})", markup=False)
 
     def _report(
         self, client: Client, name: str, run_id: str, inputs: dict[str, Any], expect: str

@@ -39,8 +39,8 @@ def validate_inputs(schema: dict[str, InputField], given: dict[str, Any] | None)
         if name not in given or given[name] is None:
             if field.required:
                 raise InputError(name, "is required")
-            if "default" in field.model_fields_set:
-                out[name] = field.default
+            # An optional input without a default reads as null, so expressions can test it.
+            out[name] = field.default if "default" in field.model_fields_set else None
             continue
         out[name] = _check(name, field, given[name])
     return out

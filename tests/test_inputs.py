@@ -96,7 +96,7 @@ def test_required() -> None:
     assert refused(s, None).field == "since"
 
 
-def test_defaults_are_filled_in_and_absent_optionals_left_out() -> None:
+def test_defaults_are_filled_in_and_absent_optionals_read_as_null() -> None:
     s = schema(
         dry_run={"type": "boolean", "default": False},
         table={"type": "string", "default": "warehouse.customers"},
@@ -106,6 +106,7 @@ def test_defaults_are_filled_in_and_absent_optionals_left_out() -> None:
     assert validate_inputs(s, {}) == {
         "dry_run": False,
         "table": "warehouse.customers",
+        "limit": None,
         "nothing": None,
     }
     assert validate_inputs(s, {"dry_run": True, "limit": 5}) == {

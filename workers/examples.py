@@ -197,3 +197,48 @@ def charge(card: str, amount: int) -> dict:
 @shared_task(name="travel.notify")
 def notify(traveller: str, message: str) -> str:
     return f"to {traveller}: {message}"
+
+
+# -- expense approval and the nightly report ----------------------------------------------
+
+
+@shared_task(name="expenses.submit")
+def submit_expense(employee: str, amount: float, reason: str) -> dict:
+    return {
+        "expense": f"EXP-{_digest(employee, amount, reason) % 100_000:05d}",
+        "employee": employee,
+        "amount": amount,
+    }
+
+
+@shared_task(name="expenses.reimburse")
+def reimburse(expense: str, employee: str, amount: float) -> dict:
+    return {"expense": expense, "paid_to": employee, "amount": amount}
+
+
+@shared_task(name="expenses.notify_rejected")
+def notify_rejected(expense: str, employee: str, decisions: list) -> dict:
+    who = [d["by"] for d in decisions if d and d["decision"] == "rejected"]
+    return {"expense": expense, "to": employee, "rejected_by": who}
+
+
+@shared_task(name="report.collect")
+def collect_metrics(day: str | None = None) -> dict:
+    import datetime as dt
+
+    day = day or (dt.date.today() - dt.timedelta(days=1)).isoformat()
+    n = _digest("metrics", day)
+    return {"day": day, "orders": n % 1000, "revenue": round((n % 100_000) / 3, 2)}
+
+
+@shared_task(name="report.render")
+def render_report(metrics: dict) -> str:
+    return (
+        f"Daily report for {metrics['day']}: {metrics['orders']} orders, "
+        f"{metrics['revenue']:.2f} EUR revenue"
+    )
+
+
+@shared_task(name="report.publish")
+def publish_report(text: str, channel: str) -> dict:
+    return {"channel": channel, "chars": len(text)}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import RunFailed
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,15 @@ def deployed(client, worker):
 
 
 def test_every_example_is_covered(deployed):
-    assert deployed == {"text", "etl", "customer-sync", "trip-booking"}
+    assert deployed == {
+        "text",
+        "etl",
+        "customer-sync",
+        "trip-booking",
+        "expense-approval",
+        "nightly-report",
+        "nightly-report-0200",
+    }
 
 
 def test_customer_sync_with_every_system_up(client, deployed):
@@ -65,3 +74,56 @@ def test_trip_booking_declined_card_is_compensated(client, deployed):
     assert undone == [f"cancel_{s}" for s in reversed(booked)]
     assert steps["cancel_hotel"].output == {"cancelled": steps["hotel"].output["booking"]}
     assert steps["tell_traveller"].status == "succeeded"
+
+
+def _decide_when_waiting(client, run_id, step, by, verdict="approve"):
+    wait_for(
+        lambda: (s := client.get(run_id).steps.get(step)) is not None and s.status == "waiting",
+        timeout=20,
+        message=f"{step} waits",
+    )
+    (client.approve if verdict == "approve" else client.reject)(run_id, step, by=by)
+
+
+@pytest.mark.parametrize(
+    "amount,approvers",
+    [
+        (300, [("manager_approval", "alice")]),
+        (1200, [("manager_approval", "alice"), ("head_approval", "bob")]),
+        (
+            5000,
+            [
+                ("manager_approval", "alice"),
+                ("head_approval", "bob"),
+                ("finance_approval", "finance-team"),
+            ],
+        ),
+    ],
+)
+def test_expense_approval_asks_whom_the_amount_requires(client, deployed, amount, approvers):
+    run = client.trigger("expense-approval", {"employee": "eve", "amount": amount})
+    for step, by in approvers:
+        _decide_when_waiting(client, run.id, step, by)
+    out = run.wait(timeout=30)
+    assert out["result"] == {"expense": out["expense"], "paid_to": "eve", "amount": amount}
+    steps = client.get(run.id).steps
+    asked = {step for step, _ in approvers}
+    for step in ("manager_approval", "head_approval", "finance_approval"):
+        assert steps[step].status == ("succeeded" if step in asked else "skipped")
+
+
+def test_expense_rejected_by_the_head_is_not_paid(client, deployed):
+    run = client.trigger("expense-approval", {"employee": "eve", "amount": 800})
+    _decide_when_waiting(client, run.id, "manager_approval", "alice")
+    _decide_when_waiting(client, run.id, "head_approval", "bob", verdict="reject")
+    out = run.wait(timeout=30)
+    assert out["result"]["rejected_by"] == ["bob"]
+    assert client.get(run.id).steps["reimburse"].status == "skipped"
+
+
+def test_nightly_report_runs_and_is_scheduled(client, deployed):
+    out = client.trigger("nightly-report", {"day": "2026-11-22"}).wait(timeout=30)
+    assert out["report"].startswith("Daily report for 2026-11-22")
+    (sched,) = [s for s in client.schedules() if s["name"] == "nightly-report-0200"]
+    assert sched["flow"] == "nightly-report" and sched["catchup"] == "once"
+    assert sched["next"] > 0
