@@ -20,6 +20,7 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+from zoneinfo import ZoneInfo
 
 import click
 import kombu.exceptions
@@ -359,7 +360,10 @@ def flows_view(env: _Env, name: str, as_json: bool) -> None:
         return
     click.echo(f"# flow {name}: version {info.get('version')}, {info.get('state')}")
     for sch in schedules:
-        times = ", ".join(_when(t) or "" for t in sch["upcoming"])
+        zone = ZoneInfo(sch["timezone"])
+        times = ", ".join(
+            datetime.fromtimestamp(t, zone).strftime("%Y-%m-%d %H:%M %Z") for t in sch["upcoming"]
+        )
         paused = " (paused: the flow is stopped)" if info.get("state") == "stopped" else ""
         click.echo(f"# schedule {sch['name']}: {sch['cron']} {sch['timezone']}{paused}")
         click.echo(f"#   next five: {times}")
