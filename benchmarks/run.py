@@ -510,8 +510,8 @@ class Bench:
         def usage_text(n: int) -> str:
             u = usage[n]
             return (
-                f"Redis per finished item: {u['keys_bytes']:.0f} B in the run's keys"
-                f" ({u['used_memory_bytes']:.0f} B used_memory), {u['redis_cpu_us']:.0f} us CPU"
+                f"Redis per finished item: {u['keys_bytes']:.0f} B (MEMORY USAGE of the run's"
+                f" keys), {u['redis_cpu_us']:.0f} us redis-server CPU"
             )
 
         foreach(50)  # warm up
@@ -947,7 +947,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("seconds (log)")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax.legend(fontsize=8, title="hatched: not rerun (reference or extrapolated)", title_fontsize=7)
+    ax.legend(fontsize=8, title="hatched: extrapolated, not run", title_fontsize=7)
     ax.set_title("Wall time per scenario (label: orchestrator / plain)")
     # Latency.
     ax = axes[1]
