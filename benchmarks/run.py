@@ -1085,6 +1085,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         "meta": {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "commit": _git_commit(),
+            # Uncommitted changes the workers ran with (others may be editing the engine).
+            "dirty": _git_dirty(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "celery": _version("celery"),
@@ -1122,6 +1124,18 @@ def _git_commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
     return ""
+
+
+def _git_dirty() -> list[str]:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "orchestrator", "benchmarks/tasks.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line[3:] for line in out.splitlines() if line.strip()]
+    return []
 
 
 def _version(dist: str) -> str:
