@@ -264,8 +264,20 @@ class Client:
             )
         plan = self.plan(flow, info["version"])
         values = validate_inputs(plan.resource.spec.inputs, inputs)
-        run_id = start_run(self.store, self.app, plan, values, idempotency_key)
-        return self.get(run_id)
+        now = time.time()
+        run_id, created = start_run(self.store, self.app, plan, values, idempotency_key)
+        if not created:
+            return self.get(run_id)
+        return Run(
+            run_id,
+            flow,
+            plan.version,
+            "pending",
+            values,
+            created_at=now,
+            idempotency_key=idempotency_key,
+            _client=self,
+        )
 
     def cancel(self, run_id: str) -> Run:
         """Stop a run: no new step starts, running step tasks are revoked, children cancelled."""

@@ -81,6 +81,9 @@ class Node:
     on_error: str = "fail"
     refs: set[str] = field(default_factory=set)
     static: bool = False  # may be laid out as plain canvas (no runtime decisions)
+    #: Root names its own expressions read (``inputs``, ``item``, ...): a run's inputs or
+    #: a forEach item can be large, so only steps that use them fetch them.
+    names: set[str] = field(default_factory=set)
     foreach_owner: str | None = None  # innermost forEach whose body holds it (item, index)
     catch_owner: str | None = None  # innermost try whose catch holds it (error)
 
@@ -112,6 +115,7 @@ class Plan:
             else None
         )
         self.output_refs = expressions.step_refs(spec.outputs)
+        self.outputs_read_inputs = "inputs" in expressions.root_names(spec.outputs)
         self.compensable = {n.id for n in self.nodes.values() if n.step.compensate is not None}
         for node in self.nodes.values():
             node.static = self._is_static(node)
@@ -143,6 +147,7 @@ class Plan:
         node.options, node.retry = self._options(step)
         node.on_error = step.on_error or self.defaults.on_error or "fail"
         node.refs = _condition_refs(step.when)
+        node.names = _names(step)
         self.nodes[step.id] = node
         return node
 
@@ -297,6 +302,21 @@ class Plan:
     def order(self) -> list[str]:
         """Step ids in document order (for display)."""
         return list(self.nodes)
+
+
+def _names(step: AnyStep) -> set[str]:
+    """Root names read by a step's own expressions (not those of the steps inside it)."""
+    own = step.model_dump(
+        by_alias=True,
+        exclude={"steps", "parallel", "do", "switch", "try_", "catch", "finally_", "compensate"},
+    )
+    names = expressions.root_names(own)
+    for when in [step.when, *(c.when for c in getattr(step, "switch", []) or [])]:
+        if isinstance(when, str):
+            names |= expressions.parse_condition(when).names()
+    if isinstance(step, ForEachStep):
+        names |= expressions.parse_condition(step.for_each).names()
+    return names
 
 
 def _condition_refs(when: str | bool | None) -> set[str]:

@@ -30,6 +30,7 @@ __all__ = [
     "parse_condition",
     "parse_template",
     "render",
+    "root_names",
     "step_refs",
 ]
 
@@ -441,6 +442,14 @@ def step_refs(value: Any) -> set[str]:
     for text in _templates(value):
         refs |= parse_template(text)._step_refs
     return refs
+
+
+def root_names(value: Any) -> set[str]:
+    """Root names (``inputs``, ``steps``, ``item``...) read by any template in a nested value."""
+    names: set[str] = set()
+    for text in _templates(value):
+        names |= parse_template(text).names()
+    return names
 
 
 def check(value: Any) -> None:

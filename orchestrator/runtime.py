@@ -215,7 +215,9 @@ class Execution:
         return node_key(step_id, self.path[: ref.foreach_depth])
 
     def _fields(self, refs: set[str], final: bool) -> list[str]:
-        fields = ["inputs"]
+        node = self.node
+        reads_inputs = "inputs" in node.names or (final and self.plan.outputs_read_inputs)
+        fields = ["inputs"] if reads_inputs else []
         names = set(refs)
         if final:
             names |= self.plan.output_refs
@@ -223,8 +225,7 @@ class Execution:
             if sid in self.plan.nodes:
                 k = self._ref_key(sid)
                 fields += [f"s:{k}", f"o:{k}"]
-        node = self.node
-        if node.foreach_owner is not None:
+        if node.foreach_owner is not None and "item" in node.names:
             fe = self.plan.nodes[node.foreach_owner]
             fields.append(f"i:{node_key(fe.id, self.path[: fe.foreach_depth + 1])}")
         if node.catch_owner is not None:
@@ -475,7 +476,7 @@ class Execution:
             "step": self.node.id,
             "path": list(self.path),
         }
-        child = start_run(
+        child, _ = start_run(
             self.store,
             self.task.app,
             child_plan,
@@ -1127,10 +1128,10 @@ def publish(app: Celery, sigs: list) -> None:
 
 def run_ended(store: RedisStore, app: Celery, run_id: str) -> None:
     """Tell whoever waits on a run that it ended: its parent run, and watching steps."""
-    raw = store.read_fields(run_id, ["parent"])[0]
-    if raw:
-        notify_parent(app, json.loads(raw), run_id)
-    for run, flow, version, step, path in store.watchers(run_id):
+    parent, watchers = store.end_listeners(run_id)
+    if parent:
+        notify_parent(app, parent, run_id)
+    for run, flow, version, step, path in watchers:
         wake_step(app, run, flow, version, step, path)
 
 
@@ -1175,13 +1176,16 @@ def start_run(
     idempotency_key: str | None = None,
     parent: dict[str, Any] | None = None,
     run_id: str | None = None,
-) -> str:
-    """Create a run record (once per idempotency key) and publish its first canvas."""
+) -> tuple[str, bool]:
+    """Create a run record (once per idempotency key) and publish its first canvas.
+
+    Returns the run id and whether this call created it (False: the key's run existed).
+    """
     run_id = run_id or new_run_id()
     if idempotency_key is not None:
         owner = store.claim_idempotency(plan.name, idempotency_key, run_id)
         if owner != run_id and store.r.exists(store.run_key(owner)):
-            return owner
+            return owner, False
         run_id = owner
     now = time.time()
     record = {
@@ -1198,7 +1202,7 @@ def start_run(
     if parent:
         event["parent"] = parent["run"]
     if not store.create_run(record, event):
-        return run_id
+        return run_id, False
     canvas = CanvasBuilder(app, plan, run_id).from_node(plan.first(plan.top))
     try:
         publish(app, [canvas])
@@ -1212,7 +1216,7 @@ def start_run(
             {"error": error, "finished_at": time.time()},
         )
         raise
-    return run_id
+    return run_id, True
 
 
 def to_epoch(value: Any) -> float:

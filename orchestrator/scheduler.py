@@ -138,7 +138,7 @@ def fire_schedules(eng: Any, now: float) -> int:
             try:
                 plan = eng.plan(spec.flow, info["version"])
                 inputs = validate_inputs(plan.resource.spec.inputs, spec.inputs)
-                run_id = start_run(
+                run_id, _ = start_run(
                     store, eng.app, plan, inputs, idempotency_key=f"schedule:{name}:{int(fire)}"
                 )
             except OrchestratorError as exc:

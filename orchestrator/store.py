@@ -358,8 +358,13 @@ class RedisStore:
         pipe.expire(self.watchers_key(target), self.settings.retention_s)
         pipe.execute()
 
-    def watchers(self, run_id: str) -> list[list[Any]]:
-        return [json.loads(v) for v in self.r.lrange(self.watchers_key(run_id), 0, -1)]
+    def end_listeners(self, run_id: str) -> tuple[dict[str, Any] | None, list[list[Any]]]:
+        """Who must hear that a run ended: its parent (subflow) and watching steps."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.run_key(run_id), "parent")
+        pipe.lrange(self.watchers_key(run_id), 0, -1)
+        parent, watchers = pipe.execute()
+        return (json.loads(parent) if parent else None), [json.loads(w) for w in watchers]
 
     # -- schedules ----------------------------------------------------------------------------
 
