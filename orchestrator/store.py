@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from .settings import Settings
 
@@ -80,6 +82,29 @@ class RedisStore:
 
     def close(self) -> None:
         self.r.close()
+
+    def _script_and(
+        self, script: Any, keys: list[str], args: list[Any], more: Callable[[Any], None]
+    ) -> list[Any]:
+        """Run a Lua script and more commands in one round trip; results in order.
+
+        redis-py's pipeline asks ``SCRIPT EXISTS`` before every pipeline holding a script
+        (a second round trip each time); this sends ``EVALSHA`` and loads the script only
+        when Redis answers ``NOSCRIPT`` (after a restart without AOF, or a flush).
+        """
+        for attempt in (1, 2):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            more(pipe)
+            res = pipe.execute(raise_on_error=False)
+            if attempt == 1 and isinstance(res[0], NoScriptError):
+                self.r.script_load(script.script)
+                continue
+            for r in res:
+                if isinstance(r, Exception):
+                    raise r
+            return res
+        raise AssertionError("unreachable")
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -145,16 +170,14 @@ class RedisStore:
         for k, v in run.items():
             if v is not None:
                 fields += [k, v if isinstance(v, str | int | float) else dumps(v)]
-        pipe = self.r.pipeline(transaction=False)
-        self._create(
-            keys=[self.run_key(rid), self.events_key(rid)],
-            args=[dumps(event), *fields],
-            client=pipe,
-        )
-        pipe.zadd(f"{self.p}runs", {rid: now})
-        pipe.zadd(f"{self.p}runs:flow:{run['flow']}", {rid: now})
-        pipe.zadd(f"{self.p}runs:active", {rid: now})
-        return bool(pipe.execute()[0])
+
+        def index(pipe: Any) -> None:
+            pipe.zadd(f"{self.p}runs", {rid: now})
+            pipe.zadd(f"{self.p}runs:flow:{run['flow']}", {rid: now})
+            pipe.zadd(f"{self.p}runs:active", {rid: now})
+
+        keys = [self.run_key(rid), self.events_key(rid)]
+        return bool(self._script_and(self._create, keys, [dumps(event), *fields], index)[0])
 
     def begin_step(
         self,
@@ -202,20 +225,18 @@ class RedisStore:
         args += [dumps(e) for e in events]
         args.append(len(compensable))
         args += list(compensable)
-        pipe = self.r.pipeline(transaction=False)
-        if final:
-            status = final["status"]
-            args += [status, self.settings.retention_s]
-            for k, v in final.items():
-                if k != "status":
-                    args += [k, v if isinstance(v, str | int | float) else dumps(v)]
-        else:
-            args += ["", 0]
         keys = [self.run_key(run_id), self.events_key(run_id), self.comp_key(run_id)]
-        self._complete(keys=keys, args=args, client=pipe)
-        if final:
+        if not final:
+            return self._complete(keys=keys, args=[*args, "", 0])
+        args += [final["status"], self.settings.retention_s]
+        for k, v in final.items():
+            if k != "status":
+                args += [k, v if isinstance(v, str | int | float) else dumps(v)]
+
+        def index(pipe: Any) -> None:
             self._index_ended(pipe, run_id, final["status"], final.get("finished_at"))
-        return pipe.execute()[0]
+
+        return self._script_and(self._complete, keys, args, index)[0]
 
     def _index_ended(self, pipe: Any, run_id: str, status: str, at: float | None) -> None:
         at = at or time.time()
@@ -245,18 +266,17 @@ class RedisStore:
         ]
         for k, v in (fields or {}).items():
             args += [k, v if isinstance(v, str | int | float) else dumps(v)]
-        pipe = self.r.pipeline(transaction=False)
-        self._end(keys=[self.run_key(run_id), self.events_key(run_id)], args=args, client=pipe)
-        if status in ENDED:
-            self._index_ended(pipe, run_id, status, fields.get("finished_at") if fields else None)
-        else:
-            pipe.zadd(f"{self.p}runs:active", {run_id: time.time()})
-            for s in ENDED:
-                pipe.zrem(f"{self.p}runs:status:{s}", run_id)
-        res = pipe.execute(raise_on_error=False)
-        if isinstance(res[0], Exception):
-            raise res[0]
-        return res[0]
+
+        def index(pipe: Any) -> None:
+            if status in ENDED:
+                self._index_ended(pipe, run_id, status, (fields or {}).get("finished_at"))
+            else:
+                pipe.zadd(f"{self.p}runs:active", {run_id: time.time()})
+                for s in ENDED:
+                    pipe.zrem(f"{self.p}runs:status:{s}", run_id)
+
+        keys = [self.run_key(run_id), self.events_key(run_id)]
+        return self._script_and(self._end, keys, args, index)[0]
 
     def fanin(self, run_id: str, key: str, member: str, expected: int) -> bool:
         """Count an arrival; True for the single caller that completes the fan-in."""
