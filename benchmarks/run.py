@@ -149,6 +149,12 @@ class Stack:
         # Collect finished AsyncResults while their backend is open: their __del__ needs it.
         gc.collect()
         if self.client is not None:
+            # A plain chord leaves a pub/sub subscription per member (celery#4707); forget
+            # them, or the AsyncResults' __del__ at exit tries to reach a stopped Redis.
+            consumer = getattr(self.client.app.backend, "result_consumer", None)
+            with contextlib.suppress(Exception):
+                consumer.stop()
+                consumer.subscribed_to.clear()
             self.client.close()
         self.client = None
         self.config = None
