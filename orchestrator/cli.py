@@ -801,28 +801,22 @@ def runs_retry(env: _Env, run_id: str, wait_: bool, timeout: float | None, as_js
         sys.exit(1)
 
 
-@runs.command("approve")
-@click.argument("run_id", metavar="ID")
-@click.argument("step")
-@click.option("--by", required=True, help="Who decides (must be a listed approver).")
-@click.option("--comment", help="Why.")
-@click.pass_obj
-def runs_approve(env: _Env, run_id: str, step: str, by: str, comment: str | None) -> None:
-    """Approve a step that waits for a decision."""
-    env.client.approve(run_id, step, by=by, comment=comment)
-    click.echo(f"run {run_id} step {step} approved by {by}")
+def _decision_command(verb: str, past: str) -> None:
+    """``runs approve`` and ``runs reject``: the same command but for the decision."""
+
+    @runs.command(verb, help=f"{verb.capitalize()} a step that waits for a decision.")
+    @click.argument("run_id", metavar="ID")
+    @click.argument("step")
+    @click.option("--by", required=True, help="Who decides (must be a listed approver).")
+    @click.option("--comment", help="Why.")
+    @click.pass_obj
+    def decide(env: _Env, run_id: str, step: str, by: str, comment: str | None) -> None:
+        getattr(env.client, verb)(run_id, step, by=by, comment=comment)
+        click.echo(f"run {run_id} step {step} {past} by {by}")
 
 
-@runs.command("reject")
-@click.argument("run_id", metavar="ID")
-@click.argument("step")
-@click.option("--by", required=True, help="Who decides (must be a listed approver).")
-@click.option("--comment", help="Why.")
-@click.pass_obj
-def runs_reject(env: _Env, run_id: str, step: str, by: str, comment: str | None) -> None:
-    """Reject a step that waits for a decision."""
-    env.client.reject(run_id, step, by=by, comment=comment)
-    click.echo(f"run {run_id} step {step} rejected by {by}")
+_decision_command("approve", "approved")
+_decision_command("reject", "rejected")
 
 
 @runs.command("signal")

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from orchestrator import RunFailed
+from tests.integration.flows import deploy, key
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def deploy(client, text: str) -> str:
-    name = f"cf-{uuid.uuid4().hex[:8]}"
-    client.deploy(text.replace("NAME", name))
-    return name
-
-
-def key() -> str:
-    return f"k-{uuid.uuid4().hex[:10]}"
 
 
 def test_foreach_results_in_order_with_concurrency(client, worker):

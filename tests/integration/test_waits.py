@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from orchestrator import Forbidden, InvalidState, RunFailed
+from tests.integration.flows import deploy, key, waiting
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -24,24 +23,6 @@ def beat(orch_env, tmp_path_factory):
     b.start()
     yield b
     b.stop()
-
-
-def deploy(client, text: str) -> str:
-    name = f"w-{uuid.uuid4().hex[:8]}"
-    client.deploy(text.replace("NAME", name))
-    return name
-
-
-def key() -> str:
-    return f"k-{uuid.uuid4().hex[:10]}"
-
-
-def waiting(client, run_id: str, step: str) -> None:
-    wait_for(
-        lambda: (s := client.get(run_id).steps.get(step)) is not None and s.status == "waiting",
-        timeout=20,
-        message=f"{step} waiting",
-    )
 
 
 APPROVAL = """
