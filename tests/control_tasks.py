@@ -11,6 +11,8 @@ from orchestrator import current_step
 from orchestrator.settings import get_settings
 
 _client: redis.Redis | None = None
+#: How often ``ctl.hold`` looks at its release key (a bounded poll, not a fixed wait).
+POLL_S = 0.05
 
 
 def _r() -> redis.Redis:
@@ -79,5 +81,5 @@ def hold(counter: str, release: str, limit: float = 30.0) -> str:
     _r().incr(counter)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and not _r().exists(release):
-        time.sleep(0.05)
+        time.sleep(POLL_S)
     return "released"
