@@ -915,6 +915,32 @@ def beat(ctx: click.Context) -> None:
     app.start(["beat", "-S", "orchestrator.scheduler:Scheduler", *ctx.args])
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--dev",
+    is_flag=True,
+    help="Skip bearer-token auth; only allowed when --host is a loopback address.",
+)
+@click.pass_obj
+def api(env: _Env, host: str, port: int, dev: bool) -> None:
+    """Serve the REST API (OpenAPI at /docs) with uvicorn.
+
+    Every endpoint but /healthz needs 'Authorization: Bearer TOKEN' with a token from
+    ORCHESTRATOR_API_TOKENS (comma-separated), unless --dev on a loopback host.
+    """
+    from .api import create_api, is_loopback, token_list
+
+    if dev and not is_loopback(host):
+        _fail(f"--dev skips authentication and binds only to loopback, not {host!r}", code=2)
+    if not dev and not token_list(env.settings):
+        _fail("set ORCHESTRATOR_API_TOKENS (comma-separated bearer tokens), or use --dev", code=2)
+    import uvicorn
+
+    uvicorn.run(create_api(env.settings, env.client, dev=dev), host=host, port=port)
+
+
 def pool_args(pools_file: str | Path, name: str) -> list[str]:
     """Celery worker options (-Q, -c, -P) for a pool of ``workers/pools.yaml``."""
     path = Path(pools_file)

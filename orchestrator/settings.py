@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     #: How often Celery beat sends the tick that wakes due timers and fires schedules.
     tick_s: float = Field(default=1.0, gt=0)
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
+    #: Comma-separated bearer tokens the REST API accepts (``orchestrator api``); empty
+    #: means no token is valid, so only a dev server on loopback answers without one.
+    api_tokens: str = ""
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
