@@ -73,8 +73,8 @@ def token_list(settings: Settings) -> list[str]:
     return [t.strip() for t in settings.api_tokens.split(",") if t.strip()]
 
 
-def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "message": message, **extra}, status_code=status)
+def _error(code: int, error: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message, **extra}, status_code=code)
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:

@@ -263,3 +263,18 @@ def test_api_refuses_dev_off_loopback(orch_env):
         timeout=30,
     )
     assert out.returncode == 2 and "ORCHESTRATOR_API_TOKENS" in out.stderr
+
+
+def test_dev_mode_skips_auth_on_loopback_only(settings, client):
+    dev = create_api(settings, client, dev=True)
+    with TestClient(dev, base_url="http://127.0.0.1") as local:
+        assert local.get("/v1/flows").status_code == 200
+    with TestClient(create_api(settings, client), base_url="http://127.0.0.1") as prod:
+        assert prod.get("/v1/flows").status_code == 401
+
+
+def test_healthz_is_503_when_redis_is_down(settings):
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_api(down)) as tc:
+        resp = tc.get("/healthz")
+        assert resp.status_code == 503 and resp.json()["error"] == "unavailable"
