@@ -322,13 +322,11 @@ class FlowSpec(_Model):
         return value
 
 
-class FlowResource(_Model):
-    """A ``kind: Flow`` document."""
+class _Resource(_Model):
+    """The envelope every document shares: apiVersion, kind, metadata, spec."""
 
     api_version: Literal["orchestrator/v1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["Flow"] = "Flow"
     metadata: Metadata
-    spec: FlowSpec
 
     @property
     def name(self) -> str:
@@ -338,6 +336,13 @@ class FlowResource(_Model):
         """The definition as a plain JSON-able dict, defaults left out."""
         body = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
         return {"apiVersion": self.api_version, "kind": self.kind, **body}
+
+
+class FlowResource(_Resource):
+    """A ``kind: Flow`` document."""
+
+    kind: Literal["Flow"] = "Flow"
+    spec: FlowSpec
 
 
 for _cls in (
@@ -389,21 +394,11 @@ class ScheduleSpec(_Model):
         return value
 
 
-class ScheduleResource(_Model):
+class ScheduleResource(_Resource):
     """A ``kind: Schedule`` document."""
 
-    api_version: Literal["orchestrator/v1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["Schedule"] = "Schedule"
-    metadata: Metadata
     spec: ScheduleSpec
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    def document(self) -> dict[str, Any]:
-        body = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
-        return {"apiVersion": self.api_version, "kind": self.kind, **body}
 
 
 def children(step: AnyStep) -> list[list[AnyStep]]:
