@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from .app import create_app
-from .compiler import Block, CanvasBuilder, Plan, node_key
+from .compiler import Block, CanvasBuilder, Plan, PlanCache, node_key
 from .errors import (
     DefinitionError,
     FlowStopped,
@@ -112,7 +112,7 @@ class Client:
         self.settings = settings or Settings()
         self.store = RedisStore(self.settings)
         self.app = app or create_app(self.settings, set_as_current=False)
-        self._plans: dict[tuple[str, str], Plan] = {}
+        self._plans = PlanCache(self.settings, self.store.get_definition)
 
     @classmethod
     def from_env(cls) -> Client:
@@ -239,15 +239,7 @@ class Client:
         self.store.set_flow_state(name, "stopped")
 
     def plan(self, name: str, version: str) -> Plan:
-        plan = self._plans.get((name, version))
-        if plan is None:
-            doc = self.store.get_definition(name, version)
-            if doc is None:
-                raise NotFound(f"flow {name!r} has no version {version}")
-            plan = self._plans[(name, version)] = Plan(
-                FlowResource.model_validate(doc), version, self.settings
-            )
-        return plan
+        return self._plans.get(name, version)
 
     # -- runs -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ read. The plan is pure data derived from the model; workers cache it per version
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -29,6 +30,7 @@ from celery import Celery, chain, chord, group
 from celery.canvas import Signature, _chain
 
 from . import expressions
+from .errors import NotFound
 from .model import (
     AnyStep,
     ApprovalStep,
@@ -302,6 +304,28 @@ class Plan:
     def order(self) -> list[str]:
         """Step ids in document order (for display)."""
         return list(self.nodes)
+
+
+class PlanCache:
+    """Plans by flow version. A version never changes, so an entry never goes stale.
+
+    ``load(flow, version)`` returns the stored definition document, or None.
+    """
+
+    def __init__(self, settings: Settings, load: Callable[[str, str], dict[str, Any] | None]):
+        self.settings, self.load = settings, load
+        self._plans: dict[tuple[str, str], Plan] = {}
+
+    def get(self, flow: str, version: str) -> Plan:
+        """The plan of ``flow`` at ``version``; NotFound if that version was never deployed."""
+        plan = self._plans.get((flow, version))
+        if plan is None:
+            doc = self.load(flow, version)
+            if doc is None:
+                raise NotFound(f"flow {flow!r} has no version {version}")
+            plan = Plan(FlowResource.model_validate(doc), version, self.settings)
+            self._plans[(flow, version)] = plan
+        return plan
 
 
 def _names(step: AnyStep) -> set[str]:

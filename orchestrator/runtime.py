@@ -37,9 +37,8 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from . import expressions
 from .app import results_untracked
-from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, node_key, retry_countdown
-from .errors import ExpressionError, OrchestratorError, StepError
-from .model import FlowResource
+from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, PlanCache, node_key, retry_countdown
+from .errors import ExpressionError, NotFound, OrchestratorError, StepError
 from .settings import Settings
 from .store import ENDED, NO_OUTPUT, RedisStore
 
@@ -82,17 +81,13 @@ class Engine:
     def __init__(self, app: Celery, settings: Settings):
         self.app, self.settings = app, settings
         self.store = RedisStore(settings)
-        self._plans: dict[tuple[str, str], Plan] = {}
+        self._plans = PlanCache(settings, self.store.get_definition)
 
     def plan(self, flow: str, version: str) -> Plan:
-        plan = self._plans.get((flow, version))
-        if plan is None:
-            doc = self.store.get_definition(flow, version)
-            if doc is None:
-                raise PermanentError(f"flow {flow!r} version {version} is not deployed")
-            plan = Plan(FlowResource.model_validate(doc), version, self.settings)
-            self._plans[(flow, version)] = plan
-        return plan
+        try:
+            return self._plans.get(flow, version)
+        except NotFound as exc:
+            raise PermanentError(str(exc)) from exc
 
 
 _engines: dict[tuple[int, int], Engine] = {}
