@@ -243,12 +243,6 @@ class Plan:
     def first(self, block: Block) -> Node:
         return self.nodes[block.items[0]]
 
-    def block_of(self, owner: str, role: str) -> Block | None:
-        for block in self.blocks.values():
-            if block.owner == owner and block.role == role:
-                return block
-        return None
-
     def successor(self, node: Node) -> Node | None:
         """The node that runs after ``node``, climbing out of sequences; None at a scope end."""
         n = node

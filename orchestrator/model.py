@@ -399,28 +399,3 @@ class ScheduleResource(_Resource):
 
     kind: Literal["Schedule"] = "Schedule"
     spec: ScheduleSpec
-
-
-def children(step: AnyStep) -> list[list[AnyStep]]:
-    """The step lists nested directly in a step, each list one sequence."""
-    if isinstance(step, SequenceStep):
-        return [step.steps]
-    if isinstance(step, ParallelStep):
-        return [[b] for b in step.parallel]
-    if isinstance(step, ForEachStep):
-        return [step.do if isinstance(step.do, list) else [step.do]]
-    if isinstance(step, SwitchStep):
-        return [case.steps or case.default or [] for case in step.switch]
-    if isinstance(step, TryStep):
-        return [lst for lst in (step.try_, step.catch, step.finally_) if lst]
-    return []
-
-
-def walk(steps: list[AnyStep]):
-    """Every step in a list and below it (compensations included), depth first."""
-    for s in steps:
-        yield s
-        for lst in children(s):
-            yield from walk(lst)
-        if s.compensate is not None:
-            yield from walk([s.compensate])
