@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .client import Client
+from .dashboard import mount_dashboard
 from .errors import (
     DefinitionError,
+    ExpressionError,
     FlowStopped,
     Forbidden,
     InputError,
@@ -33,8 +39,13 @@ from .errors import (
     OrchestratorError,
 )
 from .graph import to_mermaid
+from .metrics import metrics_registry
+from .runtime import trigger_flow
 from .settings import Settings
 from .store import ACTIVE, ENDED
+from .variables import resolve
+from .webhooks import SignatureError
+from .webhooks import verify as verify_signature
 
 STATUSES = (*ACTIVE, *ENDED)
 
@@ -52,6 +63,25 @@ class DecisionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     by: str = Field(min_length=1)
     comment: str | None = None
+
+
+class EventBody(BaseModel):
+    """Body of ``POST /v1/events/{channel}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: Any = Field(None, description="the event's payload; `event.data` in expressions")
+    id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,200}$",
+        description="the event's id; an id seen before starts no new run (default: a new id)",
+    )
+
+
+class ReplayBody(BaseModel):
+    """Body of ``POST /v1/events/{channel}/replay``: which dead-letter entries (none: all)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] | None = None
 
 
 class _Unauthorized(Exception):
@@ -202,6 +232,14 @@ def create_api(settings: Settings, client: Client | None = None, dev: bool = Fal
             return _error(503, "unavailable", f"cannot reach Redis: {exc}", status="down")
         return JSONResponse({"status": "ok", "redis": "ok"})
 
+    registry = metrics_registry(client)
+
+    @app.get("/metrics", tags=["health"], dependencies=[Depends(authenticate)])
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics of every worker and run, read from Redis (see metrics.py)."""
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(registry), media_type=content_type)
+
     @v1.post("/flows/{name}/runs", status_code=201, tags=["runs"])
     def trigger(
         name: str,
@@ -287,5 +325,79 @@ def create_api(settings: Settings, client: Client | None = None, dev: bool = Fal
             "graph": to_mermaid(resource, statuses),
         }
 
+    @v1.get("/flows/{name}/events", tags=["flows"])
+    def flow_events(
+        name: str, runs: int = Query(20, ge=1, le=500), limit: int = Query(200, ge=1, le=5000)
+    ) -> dict[str, Any]:
+        """The event log across the flow's newest runs (``orchestrator flows logs``)."""
+        return {"flow": name, "events": client.flow_events(name, runs=runs, limit=limit)}
+
+    @v1.post("/events/{channel}", status_code=202, tags=["events"])
+    def publish_event(channel: str, body: EventBody) -> dict[str, Any]:
+        """Publish an event; each matching EventSubscription starts one run (once per id)."""
+        return client.publish(channel, body.data, body.id)
+
+    @v1.get("/events/{channel}", tags=["events"])
+    def channel_events(channel: str, limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+        """The channel's newest events, oldest first."""
+        return {"channel": channel, "events": client.channel_events(channel, limit)}
+
+    @v1.get("/events/{channel}/dead", tags=["events"])
+    def dead_events(channel: str, limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+        """Events that could not start a run, with the subscription and the reason."""
+        return {"channel": channel, "dead": client.dead_events(channel, limit)}
+
+    @v1.post("/events/{channel}/replay", tags=["events"])
+    def replay_events(channel: str, body: ReplayBody | None = None) -> dict[str, Any]:
+        """Deliver dead-lettered events again once their cause is fixed."""
+        ids = body.ids if body is not None else None
+        return {"channel": channel, "outcomes": client.replay(channel, ids or None)}
+
+    @app.post("/v1/hooks/{flow}", status_code=201, tags=["webhooks"])
+    async def webhook(
+        flow: str,
+        request: Request,
+        x_signature: str | None = Header(None, alias="X-Signature"),
+    ) -> JSONResponse:
+        """Trigger ``flow`` with the JSON body as its inputs; authenticated by signature.
+
+        ``X-Signature: t=<unix time>,sha256=<HMAC-SHA256(secret, "<t>." + body)>`` with
+        the flow's ``spec.webhook.secret``; no bearer token (senders rarely can add one).
+        The same signed request within five minutes returns the same run (200).
+        """
+        body = await request.body()
+        return await run_in_threadpool(_webhook, flow, body, x_signature)
+
+    def _webhook(flow: str, body: bytes, signature: str | None) -> JSONResponse:
+        _, resource = client.flow(flow)
+        hook = resource.spec.webhook
+        if hook is None:
+            raise NotFound(f"flow {flow!r} has no webhook (set spec.webhook.secret)")
+        var = client.store.resource("Variable", hook.secret)
+        try:
+            if var is None:
+                raise ExpressionError(f"webhook secret variable {hook.secret!r} is not deployed")
+            secret = str(resolve(hook.secret, var))
+        except ExpressionError as exc:
+            return _error(503, "unavailable", f"the webhook cannot be verified here: {exc}")
+        try:
+            digest = verify_signature(signature, body, secret)
+        except SignatureError as exc:
+            return _error(401, "invalid_signature", str(exc), field="header.X-Signature")
+        try:
+            inputs = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            return _error(400, "invalid_json", f"request body is not valid JSON: {exc}")
+        if not isinstance(inputs, dict):
+            return _error(
+                422, "invalid_request", "the body must be a JSON object of inputs", field="body"
+            )
+        run_id, created, _, _ = trigger_flow(
+            client.store, client.app, client.plan, flow, inputs, f"hook:{digest}"
+        )
+        run = client.get(run_id)
+        return JSONResponse(jsonable_encoder(run.as_dict()), status_code=201 if created else 200)
+
     app.include_router(v1)
+    mount_dashboard(app)  # the web dashboard at /ui; its data calls use /v1 above
     return app

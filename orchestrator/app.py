@@ -95,6 +95,7 @@ def create_app(
     # Registers orchestrator.step on this app (it is a shared task).
     importlib.import_module("orchestrator.runtime")
     importlib.import_module("orchestrator.scheduler")  # and orchestrator.tick
+    importlib.import_module("orchestrator.events")  # and orchestrator.event
     return app
 
 

@@ -255,9 +255,8 @@ def deploy(env: _Env, paths: tuple[str, ...], as_json: bool) -> None:
     before = {f["name"]: f.get("version") for f in client.flows()}
     results = []
     for d in client.deploy(*(lr.resource for lr in loaded)):
-        change = (
-            "new" if d.created else "unchanged" if before.get(d.name) == d.version else "updated"
-        )
+        same = d.kind == "Flow" and before.get(d.name) == d.version
+        change = "new" if d.created else "unchanged" if same else "updated"
         results.append({"kind": d.kind, "name": d.name, "version": d.version, "change": change})
     if as_json:
         _echo_json(results)
@@ -871,6 +870,112 @@ def _event_line(event: dict[str, Any]) -> str:
     return "  ".join([when, f"{event.get('type', '?'):<16}", event.get("step") or "-", *details])
 
 
+@flows.command("logs")
+@click.argument("name")
+@click.option("--runs", "runs_", default=20, show_default=True, help="How many recent runs.")
+@click.option("--limit", default=200, show_default=True, help="At most this many events.")
+@json_option
+@click.pass_obj
+def flows_logs(env: _Env, name: str, runs_: int, limit: int, as_json: bool) -> None:
+    """Print the event log across a flow's recent runs, oldest first, with each run's id."""
+    for event in env.client.flow_events(name, runs=runs_, limit=limit):
+        if as_json:
+            click.echo(json.dumps(event, ensure_ascii=False))
+        else:
+            run_id = event.pop("run")
+            click.echo(f"{run_id}  {_event_line(event)}")
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+@cli.group()
+def events() -> None:
+    """Publish events to channels; list them, and the ones that could not start a run."""
+
+
+@events.command("publish")
+@click.argument("channel")
+@click.option("--data", "data_json", metavar="JSON", help="The event's payload (JSON).")
+@click.option("--id", "event_id", help="The event's id (an id seen before starts no new run).")
+@json_option
+@click.pass_obj
+def events_publish(
+    env: _Env, channel: str, data_json: str | None, event_id: str | None, as_json: bool
+) -> None:
+    """Publish an event: each matching EventSubscription starts one run."""
+    try:
+        data = json.loads(data_json) if data_json is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--data") from None
+    event = env.client.publish(channel, data, event_id)
+    if as_json:
+        _echo_json(event)
+    else:
+        click.echo(f"published {event['id']} to {channel} (stream id {event['stream_id']})")
+
+
+@events.command("ls")
+@click.argument("channel")
+@click.option("--limit", default=20, show_default=True, help="At most this many events.")
+@json_option
+@click.pass_obj
+def events_ls(env: _Env, channel: str, limit: int, as_json: bool) -> None:
+    """The channel's newest events, oldest first."""
+    found = env.client.channel_events(channel, limit)
+    if as_json:
+        _echo_json(found)
+        return
+    table = Table("stream id", "event id", "time", "data", box=None)
+    for e in found:
+        table.add_row(e["stream_id"], e["id"], _when(e.get("time")), _compact(e.get("data")))
+    _console().print(table)
+    subs = env.client.subscriptions(channel)
+    click.echo(f"subscriptions: {', '.join(sorted(subs)) or 'none'}")
+
+
+@events.command("dead")
+@click.argument("channel")
+@click.option("--limit", default=50, show_default=True, help="At most this many entries.")
+@json_option
+@click.pass_obj
+def events_dead(env: _Env, channel: str, limit: int, as_json: bool) -> None:
+    """Events that matched a subscription but could not start a run, and why."""
+    found = env.client.dead_events(channel, limit)
+    if as_json:
+        _echo_json(found)
+        return
+    table = Table("entry", "event id", "subscription", "reason", box=None)
+    for e in found:
+        table.add_row(e["entry"], e["event"]["id"], e["subscription"], e["reason"])
+    _console().print(table)
+
+
+@events.command("replay")
+@click.argument("channel")
+@click.option("--entry", "entries", multiple=True, help="A dead-letter entry (default: all).")
+@json_option
+@click.pass_obj
+def events_replay(env: _Env, channel: str, entries: tuple[str, ...], as_json: bool) -> None:
+    """Deliver dead-lettered events again, after fixing what stopped them."""
+    outcomes = env.client.replay(channel, list(entries) or None)
+    if as_json:
+        _echo_json(outcomes)
+    else:
+        for o in outcomes:
+            what = f"run {o['run']}" if o.get("run") else f"dead again: {o.get('reason')}"
+            if o.get("filtered"):
+                what = "filtered out"
+            click.echo(f"{o['entry']}  {o['subscription']}  {what}")
+    if any(o.get("dead") for o in outcomes):
+        sys.exit(1)
+
+
+def _compact(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 # -- processes ----------------------------------------------------------------------------
 
 
@@ -1004,6 +1109,132 @@ def demo(env: _Env, flows_dir: str) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(env.settings.redis_url, flows_dir=flows_dir))
+
+
+@cli.command()
+@click.option("--redis-url", help="Use this Redis (default: ORCHESTRATOR_REDIS_URL when set).")
+@click.option(
+    "--redis-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="Port of the private redis-server (default: a free one).",
+)
+@click.option(
+    "--pools-file",
+    default="workers/pools.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="One worker is started per pool of this file.",
+)
+@click.option("--api-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+@click.option(
+    "--tasks",
+    "task_modules",
+    metavar="MODULES",
+    help="Task modules the workers import (default: ORCHESTRATOR_TASK_MODULES, "
+    "else workers.examples).",
+)
+@click.option(
+    "--deploy",
+    "deploy_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Deploy these definition files or folders once the stack is up (repeatable).",
+)
+@click.option(
+    "--data-dir",
+    default=".orchestrator-dev",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The private Redis's append-only file, and every process's log.",
+)
+@click.option(
+    "--stop-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds each process has to stop after Ctrl-C before it is killed.",
+)
+@click.pass_obj
+def dev(
+    env: _Env,
+    redis_url: str | None,
+    redis_port: int,
+    pools_file: str,
+    api_port: int,
+    flower_port: int,
+    no_flower: bool,
+    task_modules: str | None,
+    deploy_paths: tuple[str, ...],
+    data_dir: str,
+    stop_timeout: float,
+) -> None:
+    """Run the whole stack on this machine: Redis, a worker per pool, beat, the API with
+    its dashboard, and Flower. Ctrl-C stops all of it.
+
+    Starts a private redis-server (append-only file under --data-dir) unless
+    ORCHESTRATOR_REDIS_URL or --redis-url names a Redis. The API binds to 127.0.0.1 in
+    dev mode (no token); Flower gets a generated password, printed once.
+    """
+    from .dev import DevStack, pool_names
+
+    settings = env.settings
+    if redis_url is None and "redis_url" in settings.model_fields_set:
+        redis_url = settings.redis_url
+    pools = {name: pool_args(pools_file, name) for name in pool_names(pools_file)}
+    stack = DevStack(
+        settings,
+        pools=pools,
+        pools_file=pools_file,
+        redis_url=redis_url,
+        redis_port=redis_port,
+        api_port=api_port,
+        flower_port=flower_port,
+        flower=not no_flower,
+        flower_command=(
+            [sys.executable, "-m", "orchestrator", "flower"] if "flower" in cli.commands else None
+        ),
+        data_dir=data_dir,
+        task_modules=task_modules or settings.task_modules or "workers.examples",
+        deploy=deploy_paths,
+        stop_timeout=stop_timeout,
+    )
+    sys.exit(stack.run())
+
+
+@cli.command()
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(dir_okay=False),
+    help="The liveness file (default: ORCHESTRATOR_LIVENESS_FILE).",
+)
+@click.option(
+    "--max-age",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds since the last touch beyond which the process counts as dead.",
+)
+@click.pass_obj
+def health(env: _Env, path: str | None, max_age: float) -> None:
+    """Probe a worker or beat: exit 0 when its liveness file is fresh, else 1.
+
+    A worker (while it consumes) and beat (while it loops) touch the file named by
+    ORCHESTRATOR_LIVENESS_FILE every few seconds. For Kubernetes exec probes and
+    compose health checks; it does not touch Redis.
+    """
+    from .health import check
+
+    path = path or env.settings.liveness_file
+    if not path:
+        _fail("no liveness file: set ORCHESTRATOR_LIVENESS_FILE or pass --file", code=2)
+    ok, message = check(path, max_age)
+    if not ok:
+        _fail(message)
+    click.echo(f"ok: {message}")
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import Celery
 
+from . import events
 from .app import create_app
 from .compiler import Block, CanvasBuilder, Plan, PlanCache, node_key
 from .errors import (
     DefinitionError,
-    FlowStopped,
     Forbidden,
     InputError,
     InvalidState,
@@ -28,14 +28,25 @@ from .errors import (
 )
 from .inputs import validate_inputs
 from .loader import Loaded, load, load_string, validate_flow, version_of
-from .model import FlowResource, ScheduleResource
-from .runtime import publish, run_ended, start_run, wake_step
+from .model import (
+    EventSubscriptionResource,
+    FlowResource,
+    ScheduleResource,
+    ServiceResource,
+    VariableResource,
+)
+from .runtime import publish, run_ended, trigger_flow, wake_step
 from .scheduler import next_fire
 from .settings import Settings
 from .store import ACTIVE, ENDED, RedisStore
+from .variables import shown
 
 if TYPE_CHECKING:
     from .dsl import Flow
+
+
+#: Resources stored by name only (no versions, no state of their own).
+_NAMED_KINDS = (VariableResource, ServiceResource, EventSubscriptionResource)
 
 
 @dataclass
@@ -138,9 +149,23 @@ class Client:
         resources = [loaded.resource for loaded in self._load(sources)]
         flows = [r for r in resources if isinstance(r, FlowResource)]
         schedules = [r for r in resources if isinstance(r, ScheduleResource)]
-        for sched in schedules:  # check before storing anything
-            self._check_schedule(sched, {f.name: f for f in flows})
+        named = [r for r in resources if isinstance(r, _NAMED_KINDS)]
+        batch = {f.name: f for f in flows}
+        # Check everything before storing anything.
+        for sched in schedules:
+            self._check_schedule(sched, batch)
+        variables = {r.name: r for r in named if isinstance(r, VariableResource)}
+        for res in flows:
+            if res.spec.webhook is not None:
+                self._check_webhook(res, variables)
+        for res in named:
+            if isinstance(res, EventSubscriptionResource):
+                self._check_subscription(res, batch)
         out = []
+        for res in named:  # variables and services first: flows deployed with them use them
+            spec = res.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+            created = self.store.save_resource(res.kind, res.name, spec)
+            out.append(Deployed(res.name, version_of(res), created, res.kind))
         for res in flows:
             version = version_of(res)
             created = self.store.save_definition(
@@ -169,7 +194,7 @@ class Client:
             if isinstance(src, FlowResource):
                 validate_flow(src, self.settings)
                 out.append(Loaded(src, None))
-            elif isinstance(src, ScheduleResource):
+            elif isinstance(src, (ScheduleResource, *_NAMED_KINDS)):
                 out.append(Loaded(src, None))
             elif isinstance(src, str) and "\n" in src:
                 out.extend(load_string(src, settings=self.settings))
@@ -181,28 +206,85 @@ class Client:
 
     def _check_schedule(self, sched: ScheduleResource, batch: dict[str, FlowResource]) -> None:
         """A schedule must name a flow (deployed, or in the same deploy) it can start."""
-        flow = batch.get(sched.spec.flow)
-        if flow is None:
-            info = self.store.flow_info(sched.spec.flow)
-            if info is None:
-                raise DefinitionError(
-                    [
-                        Problem(
-                            f"schedule {sched.name!r} names flow {sched.spec.flow!r}, which is not "
-                            "deployed (deploy it first or in the same command)",
-                            None,
-                            None,
-                            "spec.flow",
-                        )
-                    ]
-                )
-            flow = self.plan(sched.spec.flow, info["version"]).resource
+        flow = self._flow_for(sched.spec.flow, batch, f"schedule {sched.name!r}")
         try:
             validate_inputs(flow.spec.inputs, sched.spec.inputs)
         except InputError as exc:
             raise DefinitionError(
                 [Problem(f"schedule {sched.name!r}: {exc}", None, None, f"spec.inputs.{exc.field}")]
             ) from None
+
+    def _flow_for(self, name: str, batch: dict[str, FlowResource], who: str) -> FlowResource:
+        """A flow named by ``who``: from this deploy, or deployed before."""
+        flow = batch.get(name)
+        if flow is not None:
+            return flow
+        info = self.store.flow_info(name)
+        if info is None:
+            raise DefinitionError(
+                [
+                    Problem(
+                        f"{who} names flow {name!r}, which is not deployed (deploy it first "
+                        "or in the same command)",
+                        None,
+                        None,
+                        "spec.flow",
+                    )
+                ]
+            )
+        return self.plan(name, info["version"]).resource
+
+    def _check_subscription(
+        self, sub: EventSubscriptionResource, batch: dict[str, FlowResource]
+    ) -> None:
+        """A subscription's inputs must be inputs of the flow it starts."""
+        flow = self._flow_for(sub.spec.flow, batch, f"event subscription {sub.name!r}")
+        unknown = sorted(set(sub.spec.inputs) - set(flow.spec.inputs))
+        if unknown:
+            raise DefinitionError(
+                [
+                    Problem(
+                        f"event subscription {sub.name!r}: {unknown[0]!r} is not an input of "
+                        f"flow {flow.name!r} (inputs: {', '.join(flow.spec.inputs) or 'none'})",
+                        None,
+                        None,
+                        f"spec.inputs.{unknown[0]}",
+                    )
+                ]
+            )
+
+    def _check_webhook(self, flow: FlowResource, batch: dict[str, VariableResource]) -> None:
+        """A webhook's secret must be a secret Variable (deployed, or in this deploy)."""
+        name = flow.spec.webhook.secret  # type: ignore[union-attr]
+        var = batch.get(name)
+        spec = var.spec.model_dump() if var else self.store.resource("Variable", name)
+        if spec is None or not spec.get("secret"):
+            why = "is not deployed" if spec is None else "is not a secret"
+            raise DefinitionError(
+                [
+                    Problem(
+                        f"flow {flow.name!r}: webhook secret variable {name!r} {why} (deploy a "
+                        "Variable with secret: true and value: ${env.NAME})",
+                        None,
+                        None,
+                        "spec.webhook.secret",
+                    )
+                ]
+            )
+
+    def variables(self) -> list[dict[str, Any]]:
+        """Deployed Variables as shown to people: a secret's value is ``***``."""
+        return [
+            {"name": n, "value": shown(spec), "secret": bool(spec.get("secret"))}
+            for n, spec in sorted(self.store.resources("Variable").items())
+        ]
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        return self.store.resources("Service")
+
+    def subscriptions(self, channel: str | None = None) -> dict[str, dict[str, Any]]:
+        subs = self.store.resources("EventSubscription")
+        return {n: s for n, s in subs.items() if channel is None or s["channel"] == channel}
 
     def schedules(self) -> list[dict[str, Any]]:
         """Deployed schedules with their next fire time and last run."""
@@ -247,17 +329,10 @@ class Client:
         self, flow: str, inputs: dict[str, Any] | None = None, idempotency_key: str | None = None
     ) -> Run:
         """Start a run; with an idempotency key, a second trigger returns the same run."""
-        info = self.store.flow_info(flow)
-        if info is None:
-            raise NotFound(f"flow {flow!r} is not deployed")
-        if info.get("state") == "stopped":
-            raise FlowStopped(
-                f"flow {flow!r} is stopped: start it with `orchestrator flows start {flow}`"
-            )
-        plan = self.plan(flow, info["version"])
-        values = validate_inputs(plan.resource.spec.inputs, inputs)
         now = time.time()
-        run_id, created = start_run(self.store, self.app, plan, values, idempotency_key)
+        run_id, created, plan, values = trigger_flow(
+            self.store, self.app, self.plan, flow, inputs, idempotency_key
+        )
         if not created:
             return self.get(run_id)
         return Run(
@@ -465,6 +540,42 @@ class Client:
     def events(self, run_id: str, after: str = "-") -> list[dict[str, Any]]:
         """The run's event log (its audit trail), oldest first, each with its stream ``id``."""
         return [{"id": eid, **e} for eid, e in self.store.events(run_id, after)]
+
+    def flow_events(self, flow: str, runs: int = 20, limit: int = 200) -> list[dict[str, Any]]:
+        """The event logs of the flow's ``runs`` newest runs, merged oldest first.
+
+        Each event carries its ``run``; at most the ``limit`` newest are returned.
+        """
+        if self.store.flow_info(flow) is None:
+            raise NotFound(f"flow {flow!r} is not deployed")
+        merged = []
+        for rid in self.store.run_ids(flow=flow, limit=runs):
+            merged += [{"run": rid, "id": eid, **e} for eid, e in self.store.events(rid)]
+        merged.sort(key=lambda e: (e.get("ts") or 0, e["id"]))
+        return merged[-limit:]
+
+    # -- events ---------------------------------------------------------------------------
+
+    def publish(self, channel: str, data: Any = None, id: str | None = None) -> dict[str, Any]:
+        """Publish an event: each matching EventSubscription starts one run (once per id)."""
+        return events.publish(self.store, self.app, channel, data, id)
+
+    def channel_events(self, channel: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest events of a channel, oldest first, each with its ``stream_id``."""
+        events.check_channel(channel)
+        return [{"stream_id": i, **e} for i, e in self.store.channel_entries(channel, count=limit)]
+
+    def dead_events(self, channel: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Dead-lettered deliveries of a channel: ``entry``, event, subscription, reason."""
+        events.check_channel(channel)
+        return [
+            {"entry": i, **e}
+            for i, e in self.store.channel_entries(channel, count=limit, dead=True)
+        ]
+
+    def replay(self, channel: str, ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """Deliver dead-lettered events again (all, or ``ids``); see :func:`events.replay`."""
+        return events.replay(self.store, self.app, self.plan, channel, ids)
 
     def wait(
         self, run_id: str, timeout: float | None = 60.0, poll: float = 0.2, run: Run | None = None

@@ -36,9 +36,11 @@ from .model import (
     ApprovalStep,
     FlowResource,
     ForEachStep,
+    HttpStep,
     ParallelStep,
     RetryPolicy,
     SequenceStep,
+    ServiceStep,
     SleepStep,
     StepDefaults,
     SubflowStep,
@@ -51,6 +53,8 @@ from .model import (
 from .settings import Settings
 
 STEP_TASK = "orchestrator.step"
+#: Steps that do one call and end: laid out as plain canvas, never decided at run time.
+LEAF_KINDS = frozenset({"task", "service", "http"})
 
 #: Used where neither the step nor the flow's defaults name a retry policy.
 DEFAULT_RETRY = RetryPolicy(
@@ -155,8 +159,10 @@ class Plan:
 
     def _add_children(self, node: Node) -> None:
         step, depth, sid = node.step, node.foreach_depth, node.id
-        if isinstance(step, TaskStep | SubflowStep):
+        if isinstance(step, TaskStep | SubflowStep | ServiceStep):
             node.refs |= expressions.step_refs(step.with_)
+        elif isinstance(step, HttpStep):
+            node.refs |= expressions.step_refs(step.http.model_dump(by_alias=True))
         elif isinstance(step, ApprovalStep):
             node.refs |= expressions.step_refs(step.approval.model_dump(by_alias=True))
         elif isinstance(step, SleepStep | WaitStep):
@@ -212,7 +218,7 @@ class Plan:
 
     def _is_static(self, node: Node) -> bool:
         """Whether the node can be laid out as canvas without a decision at run time."""
-        if node.kind == "task":
+        if node.kind in LEAF_KINDS:
             return True
         if node.step.when is not None:
             return False
@@ -230,7 +236,7 @@ class Plan:
 
     def _flat_tasks(self, node: Node):
         """The task leaves of a chain of tasks and plain sequences; None marks anything else."""
-        if node.kind == "task":
+        if node.kind in LEAF_KINDS:
             yield node
         elif node.kind == "sequence" and node.step.when is None:
             for i in self.blocks[f"{node.id}/body"].items:
@@ -414,7 +420,7 @@ class CanvasBuilder:
             if node.kind == "parallel" and node.static:
                 parts.append(self._chord(node, path))
                 count += 1 + len(node.step.parallel)  # type: ignore[union-attr]
-            elif node.kind == "task":
+            elif node.kind in LEAF_KINDS:
                 parts.append(self.signature(node, path, tail=False))
                 count += 1
             else:  # decided at run time: its worker publishes what comes next
@@ -453,6 +459,11 @@ def describe(plan: Plan, app: Celery) -> dict[str, Any]:
         entry: dict[str, Any] = {"kind": node.kind, **node.options, "static": node.static}
         if node.kind == "task":
             entry["task"] = node.step.task  # type: ignore[union-attr]
+        elif node.kind == "service":
+            entry["service"] = node.step.service  # type: ignore[union-attr]
+        elif node.kind == "http":
+            http = node.step.http  # type: ignore[union-attr]
+            entry["http"] = f"{http.method} {http.url}"
         entry["max_retries"] = (r.max_attempts or 1) - 1
         entry["countdown"] = {
             "backoff": r.backoff,

@@ -34,7 +34,7 @@ __all__ = [
     "step_refs",
 ]
 
-ROOTS = frozenset({"inputs", "steps", "vars", "item", "index", "run", "error"})
+ROOTS = frozenset({"inputs", "steps", "vars", "item", "index", "run", "error", "event"})
 _LITERALS = {"true": True, "false": False, "null": None}
 _OPENER = re.compile(r"\$\$?\{")  # "${" opens an expression; "$${" is an escaped "${"
 

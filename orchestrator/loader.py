@@ -29,16 +29,21 @@ from .model import (
     API_VERSION,
     AnyStep,
     ApprovalStep,
+    EventSubscriptionResource,
     FlowResource,
     ForEachStep,
+    HttpStep,
     ParallelStep,
     ScheduleResource,
     SequenceStep,
+    ServiceResource,
+    ServiceStep,
     SleepStep,
     SubflowStep,
     SwitchStep,
     TaskStep,
     TryStep,
+    VariableResource,
     WaitStep,
 )
 from .settings import Settings
@@ -51,9 +56,17 @@ from .yamlsource import (
     problems_from_validation_error,
 )
 
-KINDS: dict[str, type] = {"Flow": FlowResource, "Schedule": ScheduleResource}
+KINDS: dict[str, type] = {
+    "Flow": FlowResource,
+    "Schedule": ScheduleResource,
+    "Variable": VariableResource,
+    "Service": ServiceResource,
+    "EventSubscription": EventSubscriptionResource,
+}
 
-Resource = FlowResource | ScheduleResource
+Resource = (
+    FlowResource | ScheduleResource | VariableResource | ServiceResource | EventSubscriptionResource
+)
 
 
 @dataclass
@@ -175,7 +188,14 @@ def parse_document(
             if not (p.message.startswith("a step needs exactly one") and p.path in covered)
         )
         return None
-    found = check_flow(resource, settings) if isinstance(resource, FlowResource) else []
+    if isinstance(resource, FlowResource):
+        found = check_flow(resource, settings)
+    elif isinstance(resource, EventSubscriptionResource):
+        found = check_subscription(resource)
+    elif isinstance(resource, ServiceResource):
+        found = _check_only_roots(resource.spec.headers, ("spec", "headers"), {"vars"})
+    else:
+        found = []
     for path, message in found:
         problems.append(Problem(message, doc.file, doc.line_of(path), format_path(path)))
     return None if found else Loaded(resource, doc)
@@ -257,6 +277,35 @@ def check_flow(flow: FlowResource, settings: Settings | None = None) -> list[tup
     return checker.problems
 
 
+def check_subscription(sub: EventSubscriptionResource) -> list[tuple[Path, str]]:
+    """An EventSubscription's filter and inputs read only ``event``."""
+    spec = sub.spec
+    found = _check_only_roots(spec.inputs, ("spec", "inputs"), {"event"})
+    if spec.filter is not None:
+        path: Path = ("spec", "filter")
+        try:
+            roots = expressions.parse_condition(spec.filter).names()
+        except ExpressionError as exc:
+            return [*found, (path, str(exc))]
+        found += _roots_problem(roots, path, {"event"})
+    return found
+
+
+def _check_only_roots(value: Any, path: Path, allowed: set[str]) -> list[tuple[Path, str]]:
+    try:
+        expressions.check(value)
+    except ExpressionError as exc:
+        return [(path, str(exc))]
+    return _roots_problem(expressions.root_names(value), path, allowed)
+
+
+def _roots_problem(roots: set[str], path: Path, allowed: set[str]) -> list[tuple[Path, str]]:
+    extra = sorted(roots - allowed)
+    if not extra:
+        return []
+    return [(path, f"expressions here can read only {', '.join(sorted(allowed))}; not {extra[0]}")]
+
+
 class _FlowChecker:
     def __init__(self, flow: FlowResource, settings: Settings | None):
         self.flow = flow
@@ -316,8 +365,10 @@ class _FlowChecker:
         sid = step.id
         if step.when is not None:
             self._condition(step.when, (*path, "when"), before, sid)
-        if isinstance(step, TaskStep | SubflowStep):
+        if isinstance(step, TaskStep | SubflowStep | ServiceStep):
             self._refs(step.with_, (*path, "with"), before, sid)
+        elif isinstance(step, HttpStep):
+            self._refs(step.http.model_dump(by_alias=True), (*path, "http"), before, sid)
         elif isinstance(step, SequenceStep):
             self._block(step.steps, (*path, "steps"), before)
         elif isinstance(step, ParallelStep):
@@ -408,11 +459,12 @@ class _FlowChecker:
 
     def _condition(self, when: str | bool, path: Path, before: set[str], reader: str) -> None:
         try:
-            refs = expressions.parse_condition(when).step_refs()
+            parsed = expressions.parse_condition(when)
         except ExpressionError as exc:
             self.problems.append((path, str(exc)))
             return
-        self._check_refs(refs, path, before, reader)
+        self._no_event(parsed.names(), path)
+        self._check_refs(parsed.step_refs(), path, before, reader)
 
     def _refs(self, value: Any, path: Path, before: set[str], reader: str | None) -> None:
         try:
@@ -420,7 +472,14 @@ class _FlowChecker:
         except ExpressionError as exc:
             self.problems.append((path, str(exc)))
             return
+        self._no_event(expressions.root_names(value), path)
         self._check_refs(expressions.step_refs(value), path, before, reader)
+
+    def _no_event(self, roots: set[str], path: Path) -> None:
+        if "event" in roots:
+            self.problems.append(
+                (path, "`event` is only defined in an EventSubscription's filter and inputs")
+            )
 
     def _check_refs(self, refs: set[str], path: Path, before: set[str], reader: str | None) -> None:
         who = f"step {reader!r}" if reader else "the flow's outputs"

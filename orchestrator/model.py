@@ -169,6 +169,49 @@ class TryStep(StepBase):
     finally_: list[Step] | None = Field(None, alias="finally")
 
 
+class ServiceStep(StepBase):
+    """Call a deployed ``Service`` over HTTP; ``with`` is checked against its inputs."""
+
+    service: str = Field(pattern=NAME_RE, max_length=63)
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+class HttpSpec(_Model):
+    """One HTTP request; every string may hold expressions."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
+    url: str = Field(min_length=1)
+    headers: dict[str, str] = Field(default_factory=dict)
+    query: dict[str, Any] | None = None
+    json_: Any = Field(None, alias="json")
+    body: str | None = None
+    expect: int | list[int] | None = Field(
+        None, description="accepted status codes (default: any 2xx)"
+    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("expect")
+    @classmethod
+    def _statuses(cls, value: int | list[int] | None) -> int | list[int] | None:
+        for code in [value] if isinstance(value, int) else value or []:
+            if not 100 <= code <= 599:
+                raise ValueError(f"expected HTTP status codes (100-599); got {code}")
+        return value
+
+
+class HttpStep(StepBase):
+    """One HTTP request; non-2xx is an error (retryable for 5xx, 429 and timeouts)."""
+
+    http: HttpSpec
+
+
 class SubflowStep(StepBase):
     """Run another flow as a child run and wait for it; the output is the child's outputs."""
 
@@ -216,6 +259,8 @@ class WaitStep(StepBase):
 #: The key whose presence says what kind a step is, in the order they are tried.
 STEP_KINDS: dict[str, str] = {
     "task": "task",
+    "service": "service",
+    "http": "http",
     "flow": "subflow",
     "approval": "approval",
     "sleep": "sleep",
@@ -241,6 +286,8 @@ def step_kind(value: Any) -> str | None:
 
 Step = Annotated[
     Annotated[TaskStep, Tag("task")]
+    | Annotated[ServiceStep, Tag("service")]
+    | Annotated[HttpStep, Tag("http")]
     | Annotated[SequenceStep, Tag("sequence")]
     | Annotated[ParallelStep, Tag("parallel")]
     | Annotated[ForEachStep, Tag("forEach")]
@@ -260,6 +307,8 @@ Step = Annotated[
 ]
 AnyStep = (
     TaskStep
+    | ServiceStep
+    | HttpStep
     | SequenceStep
     | ParallelStep
     | ForEachStep
@@ -273,6 +322,8 @@ AnyStep = (
 
 _KIND_OF_CLASS: dict[type, str] = {
     TaskStep: "task",
+    ServiceStep: "service",
+    HttpStep: "http",
     SequenceStep: "sequence",
     ParallelStep: "parallel",
     ForEachStep: "forEach",
@@ -304,6 +355,12 @@ class Metadata(_Model):
     annotations: dict[str, str] | None = None
 
 
+class WebhookSpec(_Model):
+    """``POST /v1/hooks/{flow}`` starts runs when signed with the named secret Variable."""
+
+    secret: str = Field(pattern=NAME_RE, max_length=63, description="a secret Variable's name")
+
+
 class FlowSpec(_Model):
     description: str | None = None
     initial_state: Literal["started", "stopped"] = Field("started", alias="initialState")
@@ -312,6 +369,7 @@ class FlowSpec(_Model):
     steps: list[Step] = Field(min_length=1)
     outputs: dict[str, Any] = Field(default_factory=dict)
     on_failure: list[Step] | None = Field(None, alias="onFailure")
+    webhook: WebhookSpec | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -348,6 +406,8 @@ class FlowResource(_Resource):
 for _cls in (
     StepBase,
     TaskStep,
+    ServiceStep,
+    HttpStep,
     SequenceStep,
     ParallelStep,
     ForEachStep,
@@ -399,3 +459,87 @@ class ScheduleResource(_Resource):
 
     kind: Literal["Schedule"] = "Schedule"
     spec: ScheduleSpec
+
+
+# -- variables, services, event subscriptions -----------------------------------------
+
+#: ``${env.NAME}`` in a Variable's value: read from the worker's environment at use.
+ENV_REF = re.compile(r"\$\{\s*env\.([A-Za-z_][A-Za-z0-9_]*)\s*\}")
+
+
+class VariableSpec(_Model):
+    """A named value flows read as ``${vars.NAME}``; a secret only as ``${env.NAME}``."""
+
+    value: Any
+    secret: bool = False
+    description: str | None = None
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_from_env(cls, secret: bool, info: Any) -> bool:
+        value = info.data.get("value")
+        if secret and not (isinstance(value, str) and ENV_REF.search(value)):
+            raise ValueError(
+                "a secret's value must come from the environment, like value: ${env.API_TOKEN}, "
+                "so that it is never stored in Redis"
+            )
+        return secret
+
+    @field_validator("value")
+    @classmethod
+    def _only_env(cls, value: Any) -> Any:
+        if isinstance(value, str) and "${" in ENV_REF.sub("", value):
+            raise ValueError("a variable's value may only refer to the environment, as ${env.NAME}")
+        return value
+
+
+class VariableResource(_Resource):
+    """A ``kind: Variable`` document."""
+
+    kind: Literal["Variable"] = "Variable"
+    spec: VariableSpec
+
+
+class ServiceSpec(_Model):
+    """An HTTP microservice steps call by name, with typed inputs and outputs."""
+
+    description: str | None = None
+    address: str = Field(pattern=r"^https?://\S+$", description="the URL the call goes to")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="may read ${vars.NAME} (secrets included)"
+    )
+    inputs: dict[str, InputField] = Field(default_factory=dict)
+    outputs: dict[str, InputField] = Field(default_factory=dict)
+    timeout: Duration | None = None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ServiceResource(_Resource):
+    """A ``kind: Service`` document."""
+
+    kind: Literal["Service"] = "Service"
+    spec: ServiceSpec
+
+
+CHANNEL_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
+
+
+class EventSubscriptionSpec(_Model):
+    """Start a run of ``flow`` for every event on ``channel`` that passes ``filter``."""
+
+    channel: str = Field(pattern=CHANNEL_RE)
+    flow: str = Field(pattern=NAME_RE, max_length=63)
+    filter: Expression | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventSubscriptionResource(_Resource):
+    """A ``kind: EventSubscription`` document."""
+
+    kind: Literal["EventSubscription"] = "EventSubscription"
+    spec: EventSubscriptionSpec

@@ -25,24 +25,35 @@ import os
 import secrets
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import Celery, Task, shared_task
+from celery import Celery, Task, shared_task, signals
 from celery._state import _task_stack
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from . import expressions
+from . import expressions, httpcalls
 from .app import results_untracked
 from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, PlanCache, node_key, retry_countdown
-from .errors import ExpressionError, NotFound, OrchestratorError, StepError
+from .counters import step_counts
+from .errors import ExpressionError, FlowStopped, NotFound, OrchestratorError, StepError
+from .inputs import validate_inputs
+from .model import ServiceSpec
 from .settings import Settings
 from .store import ENDED, NO_OUTPUT, RedisStore
+from .variables import StoredVariables, install_log_filter, mask
 
 log = logging.getLogger("orchestrator.runtime")
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _mask_secrets(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Secrets a worker resolves never reach its logs (see :mod:`.variables`)."""
+    install_log_filter(*([logger] if logger is not None else []))
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,8 @@ class Execution:
     def run(self) -> None:
         handler = {
             "task": self._run_task,
+            "service": self._run_task,
+            "http": self._run_task,
             "parallel": self._run_parallel,
             "sequence": self._run_sequence,
             "forEach": self._run_foreach,
@@ -261,7 +274,7 @@ class Execution:
             "inputs": json.loads(v["inputs"]) if v.get("inputs") else {},
             "steps": _Steps(steps),
             "run": {"id": self.run_id, "flow": self.plan.name},
-            "vars": {},
+            "vars": StoredVariables(self.store),
         }
         node = self.node
         if node.foreach_owner is not None:
@@ -321,6 +334,13 @@ class Execution:
         rec.update({k: v for k, v in extra.items() if v is not None})
         return rec
 
+    def _counts(self, status: str, retried: bool = False) -> list[tuple[str, float]]:
+        """What ``/metrics`` counts for this step's end: an attempt's duration when the
+        step did work here (not a skip, a wait or a step group), and a retry."""
+        worked = self.node.kind in ("task", "service", "http") and status != "skipped"
+        seconds = time.time() - self.started_at if worked else None
+        return step_counts(self.plan.name, seconds, retried)
+
     def _skip_records(self, nodes: list[Node], path: tuple[int, ...]) -> list[tuple]:
         now = time.time()
         rec = {"status": "skipped", "attempts": 0, "started_at": now, "finished_at": now}
@@ -344,16 +364,46 @@ class Execution:
                     return
                 if self._stop(self._begin(mark=True, fields=[])):
                     return
-            kwargs = expressions.render(step.with_, ctx)
+            kwargs = expressions.render(
+                step.http.model_dump(by_alias=True, exclude_none=True)  # type: ignore[union-attr]
+                if node.kind == "http"
+                else step.with_,  # type: ignore[union-attr]
+                ctx,
+            )
         except ExpressionError as exc:
             self._failed(PermanentError(str(exc)), None, ctx)
             return
         try:
-            output = self._call(step.task, kwargs)
+            if node.kind == "task":
+                output = self._call(step.task, kwargs)  # type: ignore[union-attr]
+            else:
+                output = self._call_http(kwargs, ctx)
         except Exception as exc:  # noqa: BLE001 - any failure of user code is the step's failure
             self._failed(exc, kwargs, ctx)
             return
         self._finish("succeeded", output, ctx, input=kwargs)
+
+    def _call_http(self, rendered: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        """An ``http`` or ``service`` step's call; HttpError that cannot heal is permanent."""
+        step = self.node.step
+        defaults = self.plan.resource.spec.defaults
+        timeout = step.timeout if step.timeout is not None else (defaults and defaults.timeout)
+        try:
+            if self.node.kind == "http":
+                return httpcalls.request(rendered, timeout or None)
+            name = step.service  # type: ignore[union-attr]
+            raw = self.store.resource("Service", name)
+            if raw is None:
+                raise PermanentError(f"service {name!r} is not deployed")
+            spec = ServiceSpec.model_validate(raw)
+            headers = expressions.render(spec.headers, ctx)
+            return httpcalls.call_service(name, spec, rendered, headers, timeout or None)
+        except httpcalls.HttpError as exc:
+            if exc.retryable:
+                raise
+            raise PermanentError(str(exc)) from None
+        except ExpressionError as exc:
+            raise PermanentError(str(exc)) from None
 
     def _run_parallel(self) -> None:
         node = self.node
@@ -836,7 +886,13 @@ class Execution:
             else []
         )
         res = self.store.complete_step(
-            self.run_id, records, events, final, compensable=compensable, recovery=self.recovery
+            self.run_id,
+            records,
+            events,
+            final,
+            compensable=compensable,
+            recovery=self.recovery,
+            counts=self._counts(status),
         )
         if res != "ok":
             return
@@ -902,6 +958,7 @@ class Execution:
                 [(self.key, rec, NO_OUTPUT)],
                 [self._event("step.retrying", error=error, delay=delay)],
                 recovery=self.recovery,
+                counts=self._counts("retrying", retried=True),
             )
             if res != "ok":
                 raise Ignore()
@@ -920,10 +977,11 @@ class Execution:
             [(self.key, self._record("failed", error=error, input=kwargs), None)],
             [self._event("step.failed", error=error)],
             recovery=self.recovery,
+            counts=self._counts("failed"),
         )
         if res == "ok":
             self._propagate(error)
-        raise StepError(f"{error['type']}: {error['message']}")
+        raise StepError(mask(f"{error['type']}: {error['message']}"))
 
     def _propagate(self, error: dict[str, Any]) -> None:
         """Climb from a failed step to the try that catches it, or fail the run."""
@@ -1225,6 +1283,31 @@ def start_run(
         )
         raise
     return run_id, True
+
+
+def trigger_flow(
+    store: RedisStore,
+    app: Celery,
+    plan_for: Callable[[str, str], Plan],
+    flow: str,
+    inputs: dict[str, Any] | None,
+    idempotency_key: str | None = None,
+) -> tuple[str, bool, Plan, dict[str, Any]]:
+    """Start a run of the flow's current version: (run id, created, plan, inputs).
+
+    Raises NotFound (not deployed), FlowStopped, or InputError naming the field.
+    """
+    info = store.flow_info(flow)
+    if info is None:
+        raise NotFound(f"flow {flow!r} is not deployed")
+    if info.get("state") == "stopped":
+        raise FlowStopped(
+            f"flow {flow!r} is stopped: start it with `orchestrator flows start {flow}`"
+        )
+    plan = plan_for(flow, info["version"])
+    values = validate_inputs(plan.resource.spec.inputs, inputs)
+    run_id, created = start_run(store, app, plan, values, idempotency_key)
+    return run_id, created, plan, values
 
 
 def to_epoch(value: Any) -> float:

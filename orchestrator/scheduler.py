@@ -28,6 +28,7 @@ from celery.beat import Scheduler as _BeatScheduler
 from croniter import croniter
 
 from .errors import OrchestratorError
+from .health import BeatToucher
 from .inputs import validate_inputs
 from .model import ScheduleSpec
 
@@ -98,6 +99,15 @@ class Scheduler(_BeatScheduler):
                 }
             }
         )
+        self._liveness = BeatToucher(settings.liveness_file)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """One pass of beat's loop; also touches ORCHESTRATOR_LIVENESS_FILE when set."""
+        interval = super().tick(*args, **kwargs)
+        liveness = getattr(self, "_liveness", None)  # set up with the schedule
+        if liveness is not None:
+            liveness()
+        return interval
 
 
 @shared_task(name=TICK_TASK, bind=True, ignore_result=True)

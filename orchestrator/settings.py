@@ -1,6 +1,7 @@
 """All configuration, read once from ``ORCHESTRATOR_*`` environment variables.
 
-No other module reads ``os.environ``: they take a :class:`Settings` (or call
+No other module reads ``os.environ`` (except :mod:`.variables`, which resolves
+``${env.NAME}`` in Variables on the worker): they take a :class:`Settings` (or call
 :func:`get_settings`), so tests and embedded stacks can pass their own.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,9 +52,17 @@ class Settings(BaseSettings):
     #: How often Celery beat sends the tick that wakes due timers and fires schedules.
     tick_s: float = Field(default=1.0, gt=0)
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
+    #: A file that a worker (while it consumes) and beat (while it loops) touch every
+    #: few seconds, for ``orchestrator health`` probes; empty: none.
+    liveness_file: str = ""
     #: Comma-separated bearer tokens the REST API accepts (``orchestrator api``); empty
     #: means no token is valid, so only a dev server on loopback answers without one.
     api_tokens: str = ""
+    #: ``user:password[,user2:password2]`` that ``orchestrator flower`` accepts (HTTP
+    #: basic auth); empty: it refuses to start. Secret: never shown in a repr or a log.
+    flower_basic_auth: SecretStr = SecretStr("")
+    #: Events kept per channel stream (and per dead-letter stream), approximately.
+    channel_maxlen: int = Field(default=100_000, ge=100)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -26,11 +26,19 @@ braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
 ``Pruns`` / ``Pruns:flow:<name>``  sorted sets of run ids by creation time
 ``Pruns:active``                   sorted set of runs not yet ended
 ``Pruns:status:<status>``          sorted sets of ended runs by end time
+``Pres:<kind>``                    hash: name -> spec (JSON) of each deployed Variable
+                                   (a secret only as its ``${env.NAME}`` reference),
+                                   Service and EventSubscription
+``Pchannel:<name>``                stream: events published to a channel (``e``: JSON)
+``Pchannel:<name>:dead``           stream: events that could not start a run, with why
+``Pmetrics``                       hash: counters and histogram buckets for ``/metrics``
+                                   (its fields: ``orchestrator/counters.py``)
 =================================  =========================================================
 
 Each state change of a run is one Lua script (``lua/*.lua``) touching only that run's
-keys; index updates ride in the same pipeline. Indexes may briefly list a run in a
-stale status, so readers check the run hash and drop what does not match.
+keys, and ``Pmetrics`` when it is counted (``lua/metrics.lua``); index updates ride in
+the same pipeline. Indexes may briefly list a run in a stale status, so readers check
+the run hash and drop what does not match.
 """
 
 from __future__ import annotations
@@ -44,7 +52,9 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
+from .counters import RUN_BOUNDS_ARG
 from .settings import Settings
+from .variables import known_secrets, mask
 
 ACTIVE = ("pending", "running", "waiting")
 ENDED = ("succeeded", "failed", "compensated", "cancelled")
@@ -55,8 +65,10 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _script(name: str) -> str:
-    return resources.files("orchestrator").joinpath(f"lua/{name}.lua").read_text()
+def _script(*names: str) -> str:
+    """The text of ``lua/<name>.lua``; several files are joined (helpers first)."""
+    lua = resources.files("orchestrator")
+    return "\n".join(lua.joinpath(f"lua/{name}.lua").read_text() for name in names)
 
 
 class RedisStore:
@@ -70,8 +82,8 @@ class RedisStore:
         )
         self._create = self.r.register_script(_script("create_run"))
         self._begin = self.r.register_script(_script("begin_step"))
-        self._complete = self.r.register_script(_script("complete_step"))
-        self._end = self.r.register_script(_script("end_run"))
+        self._complete = self.r.register_script(_script("metrics", "complete_step"))
+        self._end = self.r.register_script(_script("metrics", "end_run"))
         self._fanin = self.r.register_script(_script("fanin"))
         self._recover = self.r.register_script(_script("begin_recovery"))
         self._arrive = self.r.register_script(_script("foreach_arrive"))
@@ -126,6 +138,9 @@ class RedisStore:
     def watchers_key(self, run_id: str) -> str:
         return f"{self.p}{{{run_id}}}:watchers"
 
+    def metrics_key(self) -> str:
+        return f"{self.p}metrics"
+
     # -- definitions --------------------------------------------------------------------
 
     def save_definition(
@@ -176,7 +191,7 @@ class RedisStore:
             pipe.zadd(f"{self.p}runs:flow:{run['flow']}", {rid: now})
             pipe.zadd(f"{self.p}runs:active", {rid: now})
 
-        keys = [self.run_key(rid), self.events_key(rid)]
+        keys = [self.run_key(rid), self.events_key(rid), self.metrics_key()]
         return bool(self._script_and(self._create, keys, [dumps(event), *fields], index)[0])
 
     def begin_step(
@@ -216,8 +231,12 @@ class RedisStore:
         final: dict[str, Any] | None = None,
         compensable: list[str] | tuple[str, ...] = (),
         recovery: bool = False,
+        counts: list[tuple[str, float]] | tuple[()] = (),
     ) -> str:
-        """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-NO_OUTPUT)."""
+        """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-NO_OUTPUT);
+        ``counts`` are metric increments (``counters.step_counts``), made with the records."""
+        if known_secrets():  # a secret this process resolved is never written (``***``)
+            records, events, final = mask([records, events, final])
         args: list[Any] = ["1" if recovery else "0", len(records)]
         for key, rec, output in records:
             args += [key, dumps(rec), "" if output is NO_OUTPUT else dumps(output)]
@@ -225,10 +244,18 @@ class RedisStore:
         args += [dumps(e) for e in events]
         args.append(len(compensable))
         args += list(compensable)
-        keys = [self.run_key(run_id), self.events_key(run_id), self.comp_key(run_id)]
+        args.append(len(counts))
+        for field, amount in counts:
+            args += [field, amount]
+        keys = [
+            self.run_key(run_id),
+            self.events_key(run_id),
+            self.comp_key(run_id),
+            self.metrics_key(),
+        ]
         if not final:
-            return self._complete(keys=keys, args=[*args, "", 0])
-        args += [final["status"], self.settings.retention_s]
+            return self._complete(keys=keys, args=[*args, "", 0, ""])
+        args += [final["status"], self.settings.retention_s, RUN_BOUNDS_ARG]
         for k, v in final.items():
             if k != "status":
                 args += [k, v if isinstance(v, str | int | float) else dumps(v)]
@@ -263,6 +290,7 @@ class RedisStore:
             status,
             dumps(event),
             self.settings.retention_s if status in ENDED else 0,
+            RUN_BOUNDS_ARG,
         ]
         for k, v in (fields or {}).items():
             args += [k, v if isinstance(v, str | int | float) else dumps(v)]
@@ -275,7 +303,7 @@ class RedisStore:
                 for s in ENDED:
                     pipe.zrem(f"{self.p}runs:status:{s}", run_id)
 
-        keys = [self.run_key(run_id), self.events_key(run_id)]
+        keys = [self.run_key(run_id), self.events_key(run_id), self.metrics_key()]
         return self._script_and(self._end, keys, args, index)[0]
 
     def fanin(self, run_id: str, key: str, member: str, expected: int) -> bool:
@@ -385,6 +413,47 @@ class RedisStore:
         pipe.lrange(self.watchers_key(run_id), 0, -1)
         parent, watchers = pipe.execute()
         return (json.loads(parent) if parent else None), [json.loads(w) for w in watchers]
+
+    # -- resources: variables, services, event subscriptions ----------------------------
+
+    def save_resource(self, kind: str, name: str, spec: dict[str, Any]) -> bool:
+        """Store (or replace) a resource's spec; True when it is new."""
+        return bool(self.r.hset(f"{self.p}res:{kind}", name, dumps(spec)))
+
+    def resources(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.r.hgetall(f"{self.p}res:{kind}").items()}
+
+    def resource(self, kind: str, name: str) -> dict[str, Any] | None:
+        raw = self.r.hget(f"{self.p}res:{kind}", name)
+        return json.loads(raw) if raw else None
+
+    # -- event channels -----------------------------------------------------------------
+
+    def channel_key(self, channel: str, dead: bool = False) -> str:
+        return f"{self.p}channel:{channel}" + (":dead" if dead else "")
+
+    def add_event(self, channel: str, entry: dict[str, Any], dead: bool = False) -> str:
+        """Append to a channel (or its dead-letter stream), trimmed to ~``channel_maxlen``."""
+        return self.r.xadd(
+            self.channel_key(channel, dead),
+            {"e": dumps(entry)},
+            maxlen=self.settings.channel_maxlen,
+            approximate=True,
+        )
+
+    def channel_entry(self, channel: str, entry_id: str, dead: bool = False) -> dict | None:
+        found = self.r.xrange(self.channel_key(channel, dead), entry_id, entry_id)
+        return json.loads(found[0][1]["e"]) if found else None
+
+    def channel_entries(
+        self, channel: str, count: int = 50, dead: bool = False
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The newest ``count`` entries, oldest first."""
+        found = self.r.xrevrange(self.channel_key(channel, dead), count=count)
+        return [(i, json.loads(f["e"])) for i, f in reversed(found)]
+
+    def remove_dead(self, channel: str, entry_id: str) -> bool:
+        return bool(self.r.xdel(self.channel_key(channel, dead=True), entry_id))
 
     # -- schedules ----------------------------------------------------------------------------
 

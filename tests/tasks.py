@@ -8,6 +8,7 @@ effects the test can observe and for gates the test controls).
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from typing import Any
 
@@ -87,3 +88,10 @@ def context() -> dict[str, Any] | None:
 @shared_task(name="tests.not_json")
 def not_json() -> Any:
     return {1, 2, 3}
+
+
+@shared_task(name="tests.log")
+def log_message(message: str) -> str:
+    """Write ``message`` to the worker's log (the secret-leak test checks it is masked)."""
+    logging.getLogger("tests.tasks").warning("task says: %s", message)
+    return "logged"

@@ -1,0 +1,168 @@
+"""Variables and secrets: what ``${vars.NAME}`` reads, and how secrets stay out of sight.
+
+A ``Variable`` resource is stored as its definition: a plain value, or a template that
+refers to the environment (``${env.API_TOKEN}``). The environment is read on the worker
+when a step reads the variable, so a secret (which must come from the environment) is
+known only to the process that needs it: its value is never written to Redis.
+
+Every secret value a process resolves is remembered in that process, and
+
+* :func:`mask` replaces it with ``***`` in anything about to be stored (the store calls
+  it on every step record, event and run outcome it writes), and
+* :class:`SecretFilter` replaces it in log records (installed on the worker's handlers),
+
+so a step that echoes its token in its output, its error or its log shows ``***``.
+
+This module and :mod:`.settings` are the only readers of ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .errors import ExpressionError
+from .model import ENV_REF
+
+MASK = "***"
+
+_known: set[str] = set()
+_lock = threading.Lock()
+
+
+def known_secrets() -> frozenset[str]:
+    """The secret values this process has resolved so far."""
+    return frozenset(_known)
+
+
+def remember_secret(value: str) -> None:
+    """Mask ``value`` from now on in this process (stored state and logs)."""
+    if value:
+        with _lock:
+            _known.add(value)
+
+
+def resolve(name: str, spec: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Any:
+    """A variable's value: its ``${env.NAME}`` references replaced from the environment."""
+    env = os.environ if env is None else env
+    value = spec.get("value")
+    if isinstance(value, str) and "${" in value:
+
+        def lookup(m: Any) -> str:
+            var = m.group(1)
+            if var not in env:
+                raise ExpressionError(
+                    f"variable {name!r} reads environment variable {var!r}, "
+                    "which is not set on this worker"
+                )
+            return env[var]
+
+        whole = ENV_REF.fullmatch(value.strip())
+        value = lookup(whole) if whole else ENV_REF.sub(lookup, value)
+    if spec.get("secret"):
+        remember_secret(str(value))
+    return value
+
+
+class VariableMap(Mapping[str, Any]):
+    """``vars`` in expressions: resolves a variable only when an expression reads it."""
+
+    def __init__(self, specs: Mapping[str, Mapping[str, Any]]):
+        self._specs = specs
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._values:
+            spec = self._specs[name]  # KeyError: "vars has no field NAME"
+            self._values[name] = resolve(name, spec)
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+def mask(value: Any, secrets: frozenset[str] | None = None) -> Any:
+    """``value`` with every known secret replaced by ``***`` (strings, keys, nested)."""
+    secrets = known_secrets() if secrets is None else secrets
+    if not secrets:
+        return value
+    return _mask(value, sorted(secrets, key=len, reverse=True))
+
+
+def _mask(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        for s in secrets:
+            if s in value:
+                value = value.replace(s, MASK)
+        return value
+    if isinstance(value, dict):
+        return {_mask(k, secrets): _mask(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v, secrets) for v in value]
+    return value
+
+
+def shown(spec: Mapping[str, Any]) -> Any:
+    """How a variable's value is displayed (CLI, API): ``***`` for a secret."""
+    return MASK if spec.get("secret") else spec.get("value")
+
+
+class SecretFilter(logging.Filter):
+    """Rewrites log records so no secret resolved by this process reaches a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = known_secrets()
+        if not secrets:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's problem
+            return True
+        masked = mask(text, secrets)
+        if masked != text:
+            record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[1] is not None:
+            exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = mask(exc_text, secrets)
+            record.exc_info = None
+        return True
+
+
+_FILTER = SecretFilter()
+
+
+def install_log_filter(*loggers: logging.Logger) -> None:
+    """Add the filter to every handler of the root logger and of ``loggers``."""
+    for lg in (logging.getLogger(), *loggers):
+        for handler in lg.handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
+
+
+class StoredVariables(Mapping[str, Any]):
+    """``vars`` for a step: the deployed Variables, read from Redis only if an expression
+    reads one (most steps never do), each resolved on first use."""
+
+    def __init__(self, store: Any):
+        self._store = store
+        self._map: VariableMap | None = None
+
+    def _loaded(self) -> VariableMap:
+        if self._map is None:
+            self._map = VariableMap(self._store.resources("Variable"))
+        return self._map
+
+    def __getitem__(self, name: str) -> Any:
+        return self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
