@@ -27,8 +27,10 @@ from .model import (
     AnyStep,
     FlowResource,
     ForEachStep,
+    HttpStep,
     ParallelStep,
     SequenceStep,
+    ServiceStep,
     SubflowStep,
     SwitchStep,
     TaskStep,
@@ -188,8 +190,15 @@ class _Graph:
             notes.append("on error: continue")
         entries: list[str]
         exits: list[_Exit]
-        if isinstance(step, TaskStep):
-            anchor = self._node(step.id, [step.id, step.task, *notes], "box", status)
+        if isinstance(step, TaskStep | ServiceStep | HttpStep):
+            what = (
+                step.task
+                if isinstance(step, TaskStep)
+                else f"service {step.service}"
+                if isinstance(step, ServiceStep)
+                else f"{step.http.method} {step.http.url}"
+            )
+            anchor = self._node(step.id, [step.id, what, *notes], "box", status)
             entries, exits = [anchor], [(anchor, None)]
         elif isinstance(step, SequenceStep):
             with self._cluster(step.id, [f"{step.id} (sequence)", *notes], status) as anchor:

@@ -12,14 +12,16 @@ problems are reported at once.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import expressions
 from .compiler import hard_time_limit
@@ -184,7 +186,9 @@ def parse_document(
         problems.extend(problem for _, problem in typos)
         problems.extend(
             p
-            for p in problems_from_validation_error(exc, doc, known_fields=_known_fields)
+            for p in problems_from_validation_error(
+                exc, doc, known_fields=functools.partial(_known_fields, model)
+            )
             if not (p.message.startswith("a step needs exactly one") and p.path in covered)
         )
         return None
@@ -226,13 +230,53 @@ _STEP_FIELDS = {
 }
 
 
-def _known_fields(loc: tuple) -> list[str]:
-    """The fields allowed where an unknown one was found (for "did you mean")."""
-    for part in reversed(loc):
-        if isinstance(part, str) and part in _TAG_MODELS:
-            cls = _TAG_MODELS[part]
-            return [info.alias or name for name, info in cls.model_fields.items()]
-    return []
+def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The fields allowed where an unknown one was found (for "did you mean").
+
+    Walks ``loc`` (pydantic's error location, ending at the unknown field) down from the
+    document's model: list indexes and dict keys are stepped over, and a step tag
+    (``task``, ``http``...) right after a step list picks that step's model.
+    """
+    current: Any = model
+    for part in loc:
+        if current is _STEP or (current is None and part in _TAG_MODELS):
+            current = _TAG_MODELS.get(part) if isinstance(part, str) else _STEP
+            continue
+        if isinstance(part, int) or current is None or not hasattr(current, "model_fields"):
+            continue
+        field = next(
+            (f for n, f in current.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        current = _model_in(field.annotation) if field is not None else None
+    if current is None or current is _STEP or not hasattr(current, "model_fields"):
+        return []
+    return [info.alias or name for name, info in current.model_fields.items()]
+
+
+_STEP = object()  # "a step of some kind": the next part of the location is its tag
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model inside a field's type (through Optional, list, dict, Annotated), or _STEP."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = typing.get_args(annotation)
+    if any(a in _KIND_OF_CLASS for a in _flatten(args)):
+        return _STEP
+    for arg in args:
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _flatten(args: tuple) -> list[Any]:
+    out: list[Any] = []
+    for a in args:
+        out.append(a)
+        out += _flatten(typing.get_args(a))
+    return out
 
 
 def _step_kind_problems(exc: ValidationError, doc: SourceDoc) -> list[tuple[str, Problem]]:
