@@ -1020,6 +1020,31 @@ def beat(ctx: click.Context) -> None:
     app.start(["beat", "-S", "orchestrator.scheduler:Scheduler", *ctx.args])
 
 
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(0, 65535))
+@click.pass_context
+def flower(ctx: click.Context, address: str, port: int) -> None:
+    """Run Flower, Celery's web monitor, for the flows' workers, behind HTTP basic auth.
+
+    Users come from ORCHESTRATOR_FLOWER_BASIC_AUTH (user:password[,user2:password2]);
+    without it Flower is not started. A step shows as a task named flow.step (e.g.
+    text.upper) whose first argument is the run id. Other options go to Flower as they
+    are (--url_prefix=..., --persistent=True, ...).
+    """
+    from .app import create_app
+    from .flower import flower_argv
+
+    settings = ctx.ensure_object(_Env).settings
+    try:
+        argv = flower_argv(settings, address, port, ctx.args)
+    except ValueError as exc:
+        _fail(str(exc), code=2)
+    create_app(settings).start(argv)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))

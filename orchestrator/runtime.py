@@ -118,6 +118,17 @@ def engine_for(app: Celery) -> Engine:
     return eng
 
 
+def drop_engine(app: Celery) -> None:
+    """Forget and close this process's engine for ``app``, an app being thrown away.
+
+    The cache is keyed by ``id(app)``, which a later app may reuse; the in-process
+    test worker (:mod:`orchestrator.testing`) calls this when its app is done.
+    """
+    eng = _engines.pop((os.getpid(), id(app)), None)
+    if eng is not None:
+        eng.store.close()
+
+
 @shared_task(name=STEP_TASK, bind=True)
 def step_task(
     self: Task,

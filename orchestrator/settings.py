@@ -35,7 +35,17 @@ class Settings(BaseSettings):
     #: Redis broker: an unacknowledged message is delivered again after this long.
     #: Every step's hard time limit and retry countdown must stay below it, or a
     #: step still running would be started a second time (see README "Delivery").
-    visibility_timeout_s: int = Field(default=3600, ge=30)
+    #: With heartbeats on it is only the last resort (README "Crash recovery").
+    visibility_timeout_s: int = Field(default=3600, ge=1)
+    #: How often a worker heartbeats the messages it holds and the steps it runs
+    #: (seconds); 0 turns heartbeats off, leaving recovery to the visibility timeout.
+    heartbeat_s: float = Field(default=5.0, ge=0)
+    #: A message nobody heartbeated for this long belongs to a dead worker and goes
+    #: back to its queue; a step's lease lasts this long past its last heartbeat.
+    lease_s: float = Field(default=15.0, gt=0)
+    #: SIGTERM lets running steps finish for at most this long, then stops them and
+    #: gives their messages back to the queue (0: wait for them, however long).
+    shutdown_timeout_s: float = Field(default=25.0, ge=0)
     #: Timeout for a step that names none (soft limit, seconds).
     default_step_timeout_s: float = Field(default=1800.0, gt=0)
     #: Longest chain of steps sent as one Celery message; a longer sequence is cut
@@ -70,6 +80,23 @@ class Settings(BaseSettings):
             self.broker_url = self.redis_url
         if not self.result_backend:
             self.result_backend = self.redis_url
+        return self
+
+    @model_validator(mode="after")
+    def _check_recovery(self) -> Settings:
+        # A live worker's heartbeat must always come before its lease ends, and the
+        # broker's own redelivery must never come before the lease (README "Crash recovery").
+        if self.heartbeat_s > 0:
+            if self.lease_s < 2 * self.heartbeat_s:
+                raise ValueError(
+                    f"lease_s ({self.lease_s:g}) must be at least twice heartbeat_s "
+                    f"({self.heartbeat_s:g})"
+                )
+            if self.visibility_timeout_s < self.lease_s:
+                raise ValueError(
+                    f"visibility_timeout_s ({self.visibility_timeout_s}) must be at least "
+                    f"lease_s ({self.lease_s:g})"
+                )
         return self
 
     @property

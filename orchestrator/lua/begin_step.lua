@@ -7,6 +7,8 @@
 --   run      the caller executes the step (marked running when mark = '1');
 --   done     the step already ended (a redelivered message): do not run it again;
 --   busy     another message (another task id) is running it now;
+--   held     this message again while the delivery running the step holds a live lease
+--            (l:<step>, renewed by its worker's heartbeat: orchestrator/recovery.py);
 --   inactive the run is not active (cancelled, failed, ...), or is recovering from a
 --            failure and this is not a recovery step; missing: no such run.
 local run = KEYS[1]
@@ -31,6 +33,16 @@ if rec then
     verdict = 'done'
   elseif s == 'running' and r['task_id'] ~= ARGV[2] then
     return {'busy', status, rec}
+  elseif s == 'running' then
+    local lease = redis.call('HGET', run, 'l:' .. ARGV[1])
+    if lease then
+      local l = cjson.decode(lease)
+      local now = redis.call('TIME')  -- Redis' clock, as in renew_lease.lua: no skew
+      if l['t'] == r['task_id'] and l['w'] == r['worker']
+          and l['u'] > now[1] + now[2] / 1e6 then
+        return {'held', status, rec}
+      end
+    end
   end
 end
 if verdict == 'run' and ARGV[3] == '1' then

@@ -1,0 +1,23 @@
+-- Renew the lease of a step that a worker node is running now (orchestrator/recovery.py).
+-- A lease says "this execution is alive": a second delivery of the same message finds it
+-- and waits (begin_step.lua answers 'held') instead of running the step twice at once.
+-- KEYS: run hash.
+-- ARGV: step key, Celery task id, worker node name, lease length (seconds).
+-- Writes l:<key> = {t: task id, w: worker, u: lease end, epoch seconds by Redis' clock so
+-- that workers' clocks need not agree} only while the step's record says running under
+-- that task id in a process of that node; returns 1 then, else 0 (the step ended, or runs
+-- elsewhere now, or the run is gone: nothing to renew).
+local rec = redis.call('HGET', KEYS[1], 's:' .. ARGV[1])
+if not rec then
+  return 0
+end
+local r = cjson.decode(rec)
+local worker = r['worker']
+if r['status'] ~= 'running' or r['task_id'] ~= ARGV[2] or type(worker) ~= 'string'
+    or string.sub(worker, 1, #ARGV[3] + 1) ~= ARGV[3] .. ':' then
+  return 0
+end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'l:' .. ARGV[1],
+  cjson.encode({t = ARGV[2], w = worker, u = now[1] + now[2] / 1e6 + ARGV[4]}))
+return 1
