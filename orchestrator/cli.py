@@ -1055,7 +1055,7 @@ def flower(ctx: click.Context, address: str, port: int) -> None:
 )
 @click.pass_obj
 def api(env: _Env, host: str, port: int, dev: bool) -> None:
-    """Serve the REST API (OpenAPI at /docs) with uvicorn.
+    """Serve the REST API (OpenAPI at /docs) and the web dashboard (/ui) with uvicorn.
 
     Every endpoint but /healthz needs 'Authorization: Bearer TOKEN' with a token from
     ORCHESTRATOR_API_TOKENS (comma-separated), unless --dev on a loopback host.
@@ -1068,6 +1068,8 @@ def api(env: _Env, host: str, port: int, dev: bool) -> None:
         _fail("set ORCHESTRATOR_API_TOKENS (comma-separated bearer tokens), or use --dev", code=2)
     import uvicorn
 
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port or 'PORT'}"
+    click.echo(f"dashboard: {base}/ui   API docs: {base}/docs", err=True)
     uvicorn.run(create_api(env.settings, env.client, dev=dev), host=host, port=port)
 
 
@@ -1124,16 +1126,18 @@ def pool_args(pools_file: str | Path, name: str) -> list[str]:
     type=click.Path(file_okay=False),
     help="The example flows to run.",
 )
+@click.option("--keep", is_flag=True, help="Keep workers, API and dashboard running until Ctrl-C.")
 @click.pass_obj
-def demo(env: _Env, flows_dir: str) -> None:
+def demo(env: _Env, flows_dir: str, keep: bool) -> None:
     """Run every example flow on two real workers, and show what each step did.
 
     Uses the Redis at ORCHESTRATOR_REDIS_URL when one answers (under its own key
-    prefix and queue, removed afterwards), otherwise a private redis-server.
+    prefix and queue, removed afterwards), otherwise a private redis-server. Serves
+    the REST API and the dashboard on a loopback port while it runs.
     """
     from .demo import run_demo
 
-    sys.exit(run_demo(env.settings.redis_url, flows_dir=flows_dir))
+    sys.exit(run_demo(env.settings.redis_url, flows_dir=flows_dir, keep=keep))
 
 
 @cli.command()

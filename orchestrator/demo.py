@@ -50,7 +50,14 @@ DEMO_INPUTS: dict[str, dict[str, Any]] = {
     "trip-booking": {"traveller": "ada", "destination": "Lisbon", "card": "4242424242424242"},
     "expense-approval": {"employee": "eve", "amount": 1200, "reason": "conference trip"},
     "nightly-report": {"day": "2026-11-22"},
+    "order-pricing": {"order_id": "o-100", "sku": "widget", "quantity": 3},
 }
+#: Runs the demo starts the other ways: (flow, how, inputs): an event published to the
+#: flow's subscribed channel, or a signed webhook sent to the demo's API over HTTP.
+DEMO_TRIGGERS: list[tuple[str, str, dict[str, Any]]] = [
+    ("order-pricing", "event orders.created", {"id": "o-101", "sku": "gizmo", "quantity": 1}),
+    ("order-pricing", "webhook", {"order_id": "o-102", "sku": "gadget", "quantity": 5}),
+]
 #: Decisions the demo takes, as a person would, when a run waits for them:
 #: flow -> [(step, approver, "approve" | "reject", comment)].
 DEMO_DECISIONS: dict[str, list[tuple[str, str, str, str]]] = {
@@ -85,12 +92,16 @@ def run_demo(
     redis_url: str | None,
     flows_dir: str | os.PathLike[str] = "flows",
     console: Console | None = None,
+    keep: bool = False,
 ) -> int:
-    """Run every flow of ``flows_dir`` (and DEMO_SCENARIOS); 0 when all ended as expected."""
+    """Run every flow of ``flows_dir`` (and DEMO_SCENARIOS); 0 when all ended as expected.
+
+    With ``keep``, the stack (workers, API, dashboard) stays up until Ctrl-C.
+    """
     out = console or Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
     try:
-        return _Demo(redis_url, Path(flows_dir), out).run()
+        return _Demo(redis_url, Path(flows_dir), out, keep).run()
     except DemoError as exc:
         err.print(Text(f"demo: {exc}", style="red"))
         return 1
@@ -102,7 +113,8 @@ def run_demo(
 
 
 class _Demo:
-    def __init__(self, redis_url: str | None, flows_dir: Path, console: Console):
+    def __init__(self, redis_url: str | None, flows_dir: Path, console: Console, keep: bool):
+        self.keep = keep
         self.redis_url = redis_url
         self.flows_dir = flows_dir
         self.console = console
@@ -121,15 +133,22 @@ class _Demo:
             )
             stack.callback(_delete_prefixed, url, self.prefix)
             settings = self._settings(url)
-            workers = self._start_workers(settings, stack)
+            services = self._start_services(stack)
+            workers = self._start_workers(settings, services, stack)
             self.console.print(f"Workers ready: {', '.join(w.name for w in workers)}")
 
             from .client import Client
 
             client = Client(settings)
             stack.callback(client.close)
+            api = self._start_api(settings, client, stack)
+            self.console.print(
+                f"API: {api}/docs  dashboard: {api}/ui  (no token: loopback dev mode)",
+                markup=False,
+            )
             for d in client.deploy(self.flows_dir):
-                self.console.print(f"Deployed {d.name} (version {d.version})", markup=False)
+                kind = "" if d.kind == "Flow" else f"{d.kind} "
+                self.console.print(f"Deployed {kind}{d.name} (version {d.version})", markup=False)
             started = [
                 (name, DEMO_INPUTS[name], "succeeded", client.trigger(name, DEMO_INPUTS[name]))
                 for name in sorted(names)
@@ -144,6 +163,12 @@ class _Demo:
             ok = True
             for name, inputs, expect, run in started:
                 ok = self._report(client, name, run.id, inputs, expect) and ok
+            for name, how, payload in DEMO_TRIGGERS:
+                if name in names:
+                    run_id = self._trigger_other_way(client, api, name, how, payload)
+                    ok = (
+                        self._report(client, f"{name} ({how})", run_id, payload, "succeeded") and ok
+                    )
             self.console.print(
                 Text(
                     "All example runs ended as expected."
@@ -152,9 +177,103 @@ class _Demo:
                     style="bold green" if ok else "bold red",
                 )
             )
+            if self.keep:
+                self._serve_until_interrupted(api)
             return 0 if ok else 1
 
+    def _serve_until_interrupted(self, api: str) -> None:
+        self.console.print(
+            f"The stack stays up: dashboard {api}/ui, API {api}/docs. Ctrl-C stops it.",
+            markup=False,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(1)
+
     # -- set-up -------------------------------------------------------------------------
+
+    def _start_services(self, stack: contextlib.ExitStack) -> dict[str, str]:
+        """The example HTTP service, and the environment the example Variables read."""
+        from workers.pricing import PricingService
+
+        token = secrets.token_hex(16)
+        pricing = PricingService(token).start()
+        stack.callback(pricing.stop)
+        env = {
+            "PRICING_URL": pricing.url,
+            "PRICING_TOKEN": token,
+            "ORDERS_WEBHOOK_SECRET": secrets.token_hex(16),
+        }
+        # The API verifies webhook signatures in this process: it reads the secret here.
+        for key, value in env.items():
+            stack.callback(_restore_env, key, os.environ.get(key))
+            os.environ[key] = value
+        self.console.print(f"Pricing service: {pricing.url}", markup=False)
+        return env
+
+    def _start_api(self, settings: Settings, client: Client, stack: contextlib.ExitStack) -> str:
+        """The REST API and dashboard, served by uvicorn in a thread on a loopback port."""
+        import threading
+
+        import uvicorn
+
+        from .api import create_api
+
+        port = _free_port()
+        config = uvicorn.Config(
+            create_api(settings, client, dev=True),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="demo-api", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            server.should_exit = True
+            thread.join(STOP_TIMEOUT_S)
+
+        stack.callback(stop)
+        _wait(lambda: server.started, READY_TIMEOUT_S, lambda: "the API did not start")
+        return f"http://127.0.0.1:{port}"
+
+    def _trigger_other_way(
+        self, client: Client, api: str, name: str, how: str, payload: dict[str, Any]
+    ) -> str:
+        """Start a run from an event or a signed webhook; returns its id."""
+        import httpx
+
+        from .webhooks import sign
+
+        if how == "webhook":
+            body = json.dumps(payload).encode()
+            resp = httpx.post(
+                f"{api}/v1/hooks/{name}",
+                content=body,
+                headers={
+                    "X-Signature": sign(os.environ["ORDERS_WEBHOOK_SECRET"], body),
+                    "Content-Type": "application/json",
+                },
+                timeout=10,
+            )
+            if resp.status_code not in (200, 201):
+                raise DemoError(f"webhook to {name} answered {resp.status_code}: {resp.text}")
+            self.console.print(f"{name}: signed webhook accepted ({resp.status_code})")
+            return resp.json()["id"]
+        channel = how.removeprefix("event ")
+        event = client.publish(channel, payload, id=f"demo-{payload['id']}")
+        self.console.print(f"{name}: published event {event['id']} to {channel}", markup=False)
+        key = f"event:price-new-orders:{event['id']}"
+        found: list[str] = []
+
+        def started() -> bool:
+            found[:] = [r.id for r in client.runs(flow=name) if r.idempotency_key == key]
+            return bool(found)
+
+        _wait(started, RUN_TIMEOUT_S, lambda: f"no run of {name} started from {event['id']}")
+        return found[0]
 
     def _example_flows(self) -> list[str]:
         from .loader import load
@@ -199,7 +318,9 @@ class _Demo:
             task_modules="workers.examples",
         )
 
-    def _start_workers(self, settings: Settings, stack: contextlib.ExitStack) -> list[_Worker]:
+    def _start_workers(
+        self, settings: Settings, services: dict[str, str], stack: contextlib.ExitStack
+    ) -> list[_Worker]:
         cwd = Path.cwd()
         # The workers get this environment with the demo's settings on top; nothing
         # of ours is configured through it but what is set here.
@@ -216,6 +337,7 @@ class _Demo:
                 dict.fromkeys([str(cwd), *filter(None, env.get("PYTHONPATH", "").split(":"))])
             ),
             PYTHONUNBUFFERED="1",
+            **services,
         )
         workers = [_Worker(i, self.queue, env, cwd, self.tmp) for i in range(1, WORKERS + 1)]
         for w in workers:
@@ -291,6 +413,13 @@ class _Demo:
             )
         self.console.print(table)
         return ok
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def _short(value: Any, limit: int = 160) -> str:

@@ -77,10 +77,16 @@ def call_service(
     name: str,
     spec: ServiceSpec,
     args: Mapping[str, Any],
+    address: Any,
     headers: Mapping[str, Any],
     timeout: float | None,
 ) -> Any:
-    """Call a Service with ``args`` checked against its inputs; its answer checked too."""
+    """Call a Service with ``args`` checked against its inputs; its answer checked too.
+
+    ``address`` and ``headers`` are the spec's, with their expressions rendered.
+    """
+    if not isinstance(address, str) or not address.startswith(("http://", "https://")):
+        raise HttpError(f"service {name!r}: address must be an http(s) URL, got {address!r}", False)
     try:
         payload = validate_inputs(spec.inputs, dict(args))
     except InputError as exc:
@@ -93,9 +99,9 @@ def call_service(
         kwargs["params"] = {k: _text(v) for k, v in payload.items() if v is not None}
     else:
         kwargs["json"] = payload
-    resp = _send(spec.method, spec.address, kwargs)
+    resp = _send(spec.method, address, kwargs)
     if not 200 <= resp.status_code < 300:
-        raise _status_error(spec.method, spec.address, resp, None, f"service {name!r}")
+        raise _status_error(spec.method, address, resp, None, f"service {name!r}")
     body = _body(resp)
     if not isinstance(body, dict):
         raise HttpError(

@@ -198,6 +198,7 @@ def parse_document(
         found = check_subscription(resource)
     elif isinstance(resource, ServiceResource):
         found = _check_only_roots(resource.spec.headers, ("spec", "headers"), {"vars"})
+        found += _check_only_roots(resource.spec.address, ("spec", "address"), {"vars"})
     else:
         found = []
     for path, message in found:

@@ -504,7 +504,10 @@ class ServiceSpec(_Model):
     """An HTTP microservice steps call by name, with typed inputs and outputs."""
 
     description: str | None = None
-    address: str = Field(pattern=r"^https?://\S+$", description="the URL the call goes to")
+    address: str = Field(
+        pattern=r"^(https?://|\$\{)\S+$",
+        description="the URL the call goes to; may start with ${vars.NAME}",
+    )
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: dict[str, str] = Field(
         default_factory=dict, description="may read ${vars.NAME} (secrets included)"

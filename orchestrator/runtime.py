@@ -33,7 +33,8 @@ from typing import Any
 import redis
 from celery import Celery, Task, shared_task, signals
 from celery._state import _task_stack
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from . import expressions, httpcalls
 from .app import results_untracked
@@ -129,7 +130,7 @@ def drop_engine(app: Celery) -> None:
         eng.store.close()
 
 
-@shared_task(name=STEP_TASK, bind=True)
+@shared_task(name=STEP_TASK, bind=True, Request="orchestrator.recovery:StepRequest")
 def step_task(
     self: Task,
     run_id: str,
@@ -147,16 +148,22 @@ def step_task(
 ) -> None:
     """Execute one step of a run (see the module docstring)."""
     eng = engine_for(self.app)
-    plan = eng.plan(flow, version)
-    x = Execution(eng, self, plan, plan.nodes[node_id], run_id, tuple(path), tail)
-    x.deferred, x.phase, x.rindex, x.join = deferred, phase, rindex, join
-    x.attempt = (self.request.retries or 0) + 1 - deferred
-    if resume is not None:
-        x.resume_subflow(resume)
-    elif wake:
-        x.wake()
-    else:
-        x.run()
+    try:
+        plan = eng.plan(flow, version)
+        x = Execution(eng, self, plan, plan.nodes[node_id], run_id, tuple(path), tail)
+        x.deferred, x.phase, x.rindex, x.join = deferred, phase, rindex, join
+        x.attempt = (self.request.retries or 0) + 1 - deferred
+        if resume is not None:
+            x.resume_subflow(resume)
+        elif wake:
+            x.wake()
+        else:
+            x.run()
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        # Redis (state or broker) out of reach, e.g. restarting: give the message back
+        # rather than let Celery acknowledge a failed task, losing the step.
+        log.warning("step %s of run %s: Redis unreachable (%s), requeued", node_id, run_id, exc)
+        raise Reject(exc, requeue=True) from exc
 
 
 _READ = object()  # "the output is not at hand: read it from the store"
@@ -305,13 +312,16 @@ class Execution:
     # -- records --------------------------------------------------------------------------
 
     def _running_record(self) -> dict[str, Any]:
-        return {
+        rec = {
             "status": "running",
             "attempts": self.attempt,
             "started_at": self.started_at,
             "worker": self.worker,
             "task_id": self.task_id,
         }
+        if self.eng.settings.heartbeat_s > 0:  # alive this long before its first heartbeat
+            rec["lease"] = self.eng.settings.lease_s
+        return rec
 
     def _adopt(self) -> None:
         """Keep the start of a step group that this message ends (it started elsewhere)."""
@@ -407,8 +417,9 @@ class Execution:
             if raw is None:
                 raise PermanentError(f"service {name!r} is not deployed")
             spec = ServiceSpec.model_validate(raw)
+            address = expressions.render(spec.address, ctx)
             headers = expressions.render(spec.headers, ctx)
-            return httpcalls.call_service(name, spec, rendered, headers, timeout or None)
+            return httpcalls.call_service(name, spec, rendered, address, headers, timeout or None)
         except httpcalls.HttpError as exc:
             if exc.retryable:
                 raise
@@ -861,6 +872,15 @@ class Execution:
             self._advance(_READ)
         if verdict in ("busy", "inactive", "missing"):
             raise Ignore()
+        if verdict == "held":
+            # This message again while the delivery that runs the step still holds its
+            # lease (recovery.py): look again after a heartbeat rather than run the step
+            # twice at once, or drop the one message that recovers it if that delivery dies.
+            self.deferred += 1
+            kwargs = {**self._kwargs(), "join": True} if self.join else self._kwargs()
+            raise self.task.retry(
+                countdown=self.eng.settings.heartbeat_s or 1.0, max_retries=None, kwargs=kwargs
+            )
         return True
 
     def _finish(

@@ -242,3 +242,13 @@ def render_report(metrics: dict) -> str:
 @shared_task(name="report.publish")
 def publish_report(text: str, channel: str) -> dict:
     return {"channel": channel, "chars": len(text)}
+
+
+# -- orders (flows/order-pricing.yaml): priced by the `pricing` HTTP service ------------
+
+
+@shared_task(name="orders.confirm")
+def confirm_order(order_id: str, total: float, available: int, quantity: int) -> dict:
+    """Confirm an order that is in stock, or put it on back order."""
+    status = "confirmed" if available >= quantity else "backordered"
+    return {"order_id": order_id, "status": status, "total": total}

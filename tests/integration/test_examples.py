@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
 from orchestrator import RunFailed
 from tests.support import wait_for
+from workers.pricing import PricingService
 
 pytestmark = pytest.mark.integration
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows"
+
+
+PRICING_TOKEN = f"pricing-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def pricing():
+    """The example pricing service flows/order-pricing.yaml calls."""
+    svc = PricingService(PRICING_TOKEN).start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def orch_env(orch_env, pricing):
+    """The workers' environment names the pricing service and holds its token."""
+    return {
+        **orch_env,
+        "PRICING_URL": pricing.url,
+        "PRICING_TOKEN": PRICING_TOKEN,
+        "ORDERS_WEBHOOK_SECRET": "not-used-here",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +54,34 @@ def test_every_example_is_covered(deployed):
         "expense-approval",
         "nightly-report",
         "nightly-report-0200",
+        "order-pricing",
+        "pricing",
+        "pricing-url",
+        "pricing-token",
+        "orders-webhook-secret",
+        "price-new-orders",
     }
+
+
+def test_order_pricing_calls_the_service_and_plain_http(client, deployed):
+    out = client.trigger("order-pricing", {"order_id": "o-1", "sku": "widget", "quantity": 4}).wait(
+        timeout=30
+    )
+    assert out == {"order_id": "o-1", "status": "confirmed", "total": 18.0}
+    out = client.trigger("order-pricing", {"order_id": "o-2", "sku": "gizmo"}).wait(timeout=30)
+    assert out["status"] == "backordered" and out["total"] == 120.0
+
+
+def test_order_pricing_starts_from_an_event(client, deployed):
+    client.publish("orders.created", {"id": "o-7", "sku": "gadget", "quantity": 2}, id="o-7")
+
+    def started():
+        runs = client.runs(flow="order-pricing", limit=50)
+        return next((r for r in runs if r.inputs["order_id"] == "o-7"), None)
+
+    wait_for(started, timeout=20, message="the event's run")
+    run = started()
+    assert run.wait(timeout=30) == {"order_id": "o-7", "status": "confirmed", "total": 39.98}
 
 
 def test_customer_sync_with_every_system_up(client, deployed):
