@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv lint test demo bench format clean
+.PHONY: venv lint test demo bench format clean browser
 
 venv: $(VENV)/.installed
 
@@ -18,8 +18,17 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The dashboard's browser test drives Debian's chromium through chromedriver: install them
+# when missing (as root, with apt-get); otherwise that test skips, or fails when CI is set.
+browser:
+	@if test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	else echo "chromium or chromedriver missing and not root: the dashboard browser test will skip" >&2; fi
+
 # pytest exits 5 when it collects no tests; make fails on it like any non-zero status.
-test: venv lint
+test: venv lint browser
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15 tests
 
 demo: venv

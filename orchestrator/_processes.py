@@ -115,9 +115,13 @@ class RedisServer:
     host = "127.0.0.1"
 
     def __init__(
-        self, data_dir: str | os.PathLike[str] | None = None, binary: str | None = None
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        binary: str | None = None,
+        extra_args: Iterable[str] = (),
     ) -> None:
         self.binary = binary or REDIS_SERVER_BIN
+        self.extra_args = list(extra_args)  # more redis-server options, e.g. cluster mode
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="orch-redis-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +244,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--daemonize", "no",
+            *self.extra_args,
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             try:

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     #: ``global_keyprefix``); empty leaves them unprefixed. Set it to share one Redis DB
     #: between deployments that must not see each other's messages (the demo does).
     celery_key_prefix: str = ""
+    #: The master the sentinels watch, for ``sentinel://`` URLs (state store, broker and
+    #: result backend alike; see :mod:`.redisconn`).
+    sentinel_master: str = "mymaster"
+    #: Password of the sentinels themselves, when they require one (the master's goes in
+    #: the URL). Secret: never shown in a repr or a log.
+    sentinel_password: SecretStr = SecretStr("")
     #: Comma-separated modules the worker imports so their Celery tasks are registered.
     task_modules: str = ""
     #: How long finished runs (and their event logs) are kept, in seconds.
@@ -71,6 +77,10 @@ class Settings(BaseSettings):
     #: ``user:password[,user2:password2]`` that ``orchestrator flower`` accepts (HTTP
     #: basic auth); empty: it refuses to start. Secret: never shown in a repr or a log.
     flower_basic_auth: SecretStr = SecretStr("")
+    #: Workers send Celery task events, which Flower shows (about 2.4 more Redis
+    #: PUBLISH per step); off, Flower turns them on itself only in workers that run
+    #: with heartbeats or gossip.
+    task_events: bool = True
     #: Events kept per channel stream (and per dead-letter stream), approximately.
     channel_maxlen: int = Field(default=100_000, ge=100)
 

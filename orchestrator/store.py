@@ -53,6 +53,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from .counters import RUN_BOUNDS_ARG
+from .redisconn import redis_client
 from .settings import Settings
 from .variables import known_secrets, mask
 
@@ -77,8 +78,8 @@ class RedisStore:
     def __init__(self, settings: Settings, client: redis.Redis | None = None):
         self.settings = settings
         self.p = settings.key_prefix
-        self.r: redis.Redis = client or redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, health_check_interval=30
+        self.r: redis.Redis = client or redis_client(
+            settings.redis_url, settings, decode_responses=True, health_check_interval=30
         )
         self._create = self.r.register_script(_script("create_run"))
         self._begin = self.r.register_script(_script("begin_step"))

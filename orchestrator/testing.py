@@ -38,16 +38,28 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from ._processes import RedisServer, WorkerProcess, wait_for
-from .client import Client
-
 if TYPE_CHECKING:
-    from celery import Celery
-
-    from .client import Deployed
+    from ._processes import RedisServer, WorkerProcess, wait_for
+    from ._testclient import FlowClient
     from .settings import Settings
 
 __all__ = ["FlowClient", "FlowTestConfig", "RedisServer", "WorkerProcess", "wait_for"]
+
+#: Imported on first use: pytest loads this module in every run, used or not.
+_LAZY = {
+    "FlowClient": "._testclient",
+    "RedisServer": "._processes",
+    "WorkerProcess": "._processes",
+    "wait_for": "._processes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __package__), name)
+
 
 MARKER = "orchestrator"
 _MARKER_ARGS = ("definitions", "task_modules", "settings")
@@ -55,7 +67,8 @@ _MARKER_ARGS = ("definitions", "task_modules", "settings")
 _FIXED_SETTINGS = frozenset(
     {"redis_url", "broker_url", "result_backend", "key_prefix", "celery_key_prefix", "task_modules"}
 )
-_WORKERS = pytest.StashKey[list[WorkerProcess]]()
+#: The worker subprocesses a test used, for its failure report.
+_WORKERS = pytest.StashKey[list["WorkerProcess"]]()
 
 
 def _fail(message: str) -> NoReturn:
@@ -217,10 +230,12 @@ def _check_settings(overrides: dict[str, Any]) -> None:
     from .settings import Settings
 
     for name in overrides:
+        if name == "task_modules":
+            _fail(f"@pytest.mark.{MARKER}: give task modules as task_modules=, not in settings")
         if name in _FIXED_SETTINGS:
             _fail(
                 f"@pytest.mark.{MARKER}: settings.{name} is set by the fixtures (the private "
-                "Redis and the test's own key prefix); use task_modules= for task modules"
+                "Redis and the test's own key prefix)"
             )
         if name not in Settings.model_fields:
             _fail(
@@ -236,31 +251,7 @@ def _env_value(value: Any) -> str:
     return str(get() if callable(get) else value)
 
 
-# -- the test's client -------------------------------------------------------------------
-
-
-class FlowClient(Client):
-    """A :class:`~orchestrator.Client` on a test's private namespace.
-
-    ``deployed`` is what the fixture deployed, ``workers`` the worker subprocesses
-    running the steps (empty in-process), and :meth:`tick` stands in for Celery beat.
-    """
-
-    def __init__(self, settings: Settings, app: Celery | None = None):
-        super().__init__(settings, app=app)
-        self.deployed: list[Deployed] = []
-        self.workers: list[WorkerProcess] = []
-
-    def tick(self) -> None:
-        """Send one ``orchestrator.tick`` (what beat sends every ``tick_s``).
-
-        It wakes the parked steps whose timer is due (sleeps, approval and wait
-        timeouts) and fires due schedules; a test with short timers calls it (in a
-        bounded poll) instead of running beat.
-        """
-        from .scheduler import TICK_TASK
-
-        self.app.send_task(TICK_TASK, queue=self.settings.default_queue, ignore_result=True)
+# -- the test's namespace ----------------------------------------------------------------
 
 
 def _namespace(redis_url: str, config: FlowTestConfig) -> tuple[Settings, dict[str, str]]:
@@ -333,6 +324,8 @@ def orchestrator_redis(pytestconfig: pytest.Config) -> Iterator[RedisServer]:
             "--orchestrator-redis-server, the ini option orchestrator_redis_server or "
             "$REDIS_SERVER_BIN"
         )
+    from ._processes import RedisServer
+
     server = RedisServer(binary=binary)
     try:
         server.start()
@@ -386,6 +379,8 @@ class _ModuleWorkers:
         return self.stacks[key]
 
     def _start(self, queues: list[str], env: dict[str, str]) -> WorkerProcess:
+        from ._processes import WorkerProcess
+
         w = WorkerProcess(
             queues,
             env=env,
@@ -437,6 +432,8 @@ def orchestrator_client(
     queue the definitions route to. It is shared by the tests of the module with the same
     task modules and settings, and so is its namespace: such tests see each other's runs.
     """
+    from ._testclient import FlowClient
+
     config = _config(request)
     stack = _orchestrator_module_workers.stack(config)
     client = FlowClient(stack.settings)
@@ -504,15 +501,14 @@ def orchestrator_inprocess(
     """
     from celery.contrib.testing.worker import start_worker
 
+    from ._testclient import FlowClient
     from .app import create_app, import_task_modules
     from .runtime import drop_engine
 
     config = _config(request)
     settings, _ = _namespace(orchestrator_redis.url, config)
-    try:
-        import_task_modules(settings)
-    except ImportError as exc:
-        _fail(f"orchestrator task modules: {exc}")
+    _check_importable(config.task_modules)
+    import_task_modules(settings)
     with _current_app_kept():
         app = create_app(settings, main="orchestrator-test", set_as_current=False)
         # BRPOP returns every 0.1 s instead of 1 s, so the worker stops quickly.

@@ -9,16 +9,23 @@
 Integration tests are marked ``@pytest.mark.integration`` (everything under
 ``tests/integration/`` is marked automatically); run without them with
 ``pytest -m "not integration"`` or ``pytest --skip-integration``.
+
+``--broker amqp`` (or ``ORCHESTRATOR_TEST_BROKER=amqp``) runs them with the machine's
+RabbitMQ as the broker, each module on a vhost of its own (``rabbit_vhosts``); run state
+and results stay in the private Redis. Tests marked ``redis_broker`` (they read the Redis
+broker's own keys) are skipped there.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
 
+from tests.brokers import RabbitVhosts, rabbitmq_missing
 from tests.support import BeatProcess, RedisServer, WorkerProcess
 
 # Workers owned by fixtures and not yet torn down; a failing test's report gets
@@ -36,6 +43,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="skip tests marked 'integration' (those needing redis-server and Celery workers)",
     )
+    parser.addoption(
+        "--broker",
+        choices=("redis", "amqp"),
+        default=os.environ.get("ORCHESTRATOR_TEST_BROKER") or "redis",
+        help="the Celery broker of integration tests: the private redis-server (default) or "
+        "the machine's RabbitMQ on a vhost per module (env ORCHESTRATOR_TEST_BROKER)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,16 +57,29 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "integration: needs a private redis-server and real Celery worker processes",
     )
+    config.addinivalue_line(
+        "markers",
+        "redis_broker(reason): reads the Redis broker's own keys; skipped with --broker amqp",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     integration_dir = config.rootpath / "tests" / "integration"
     skip = pytest.mark.skip(reason="--skip-integration given")
+    amqp = config.getoption("--broker") == "amqp"
+    missing = rabbitmq_missing() if amqp else None
+    if missing and os.environ.get("CI"):
+        raise pytest.UsageError(f"--broker amqp: {missing}")
     for item in items:
         if item.path.is_relative_to(integration_dir):
             item.add_marker(pytest.mark.integration)
         if config.getoption("--skip-integration") and item.get_closest_marker("integration"):
             item.add_marker(skip)
+        elif missing and item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.skip(reason=f"--broker amqp: {missing}"))
+        elif amqp and (mark := item.get_closest_marker("redis_broker")):
+            why = mark.args[0] if mark.args else "reads the Redis broker's keys"
+            item.add_marker(pytest.mark.skip(reason=f"Redis broker only: {why}"))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -81,18 +108,34 @@ def redis_server() -> Iterator[RedisServer]:
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def rabbit_vhosts() -> Iterator[RabbitVhosts]:
+    """RabbitMQ vhosts for ``--broker amqp``, all deleted when the session ends."""
+    vhosts = RabbitVhosts()
+    try:
+        yield vhosts
+    finally:
+        vhosts.cleanup()
+
+
 @pytest.fixture(scope="module")
 def orch_env(redis_server: RedisServer, request: pytest.FixtureRequest) -> dict[str, str]:
-    """``ORCHESTRATOR_*`` variables for this test module: own key prefix and queue."""
+    """``ORCHESTRATOR_*`` variables for this test module: own key prefix and queue.
+
+    With ``--broker amqp`` the broker is RabbitMQ, on a vhost of the module's own.
+    """
     if not redis_server.running:  # a test stopped it and did not restart it
         redis_server.start(appendonly=redis_server.appendonly)
     tag = uuid.uuid4().hex[:8]
-    return {
+    env = {
         "ORCHESTRATOR_REDIS_URL": redis_server.url,
         "ORCHESTRATOR_KEY_PREFIX": f"t{tag}:",
         "ORCHESTRATOR_DEFAULT_QUEUE": f"q{tag}",
         "ORCHESTRATOR_TASK_MODULES": "workers.examples,tests.tasks,tests.control_tasks",
     }
+    if request.config.getoption("--broker") == "amqp":
+        env["ORCHESTRATOR_BROKER_URL"] = request.getfixturevalue("rabbit_vhosts").create()
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,18 @@ The browser test (trigger, watch, approve by clicking) is tests/integration/test
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.api import create_api
 from orchestrator.dashboard import CONTENT_SECURITY_POLICY, UI_DIR
 from orchestrator.settings import Settings
+from tests.support import REPO_ROOT, free_port, wait_for
 
 TOKEN = "dash-token"
 
@@ -103,3 +108,39 @@ def test_dev_mode_on_loopback_needs_no_token(settings):
 def test_dashboard_is_not_in_the_openapi_schema(api):
     paths = api.get("/openapi.json").json()["paths"]
     assert not any(p.startswith("/ui") for p in paths)
+
+
+def test_orchestrator_api_prints_the_dashboard_url_and_serves_it(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    env["ORCHESTRATOR_REDIS_URL"] = "redis://127.0.0.1:1/0"  # not needed to serve /ui
+    out = tmp_path / "api.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "api", "--dev", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def served() -> bool:
+        assert proc.poll() is None, out.read_text()
+        try:
+            return httpx.get(f"{base}/ui/", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(served, timeout=30, interval=0.1, message="orchestrator api never served /ui/")
+        assert f"dashboard: {base}/ui" in out.read_text()
+        assert "Content-Security-Policy" in httpx.get(f"{base}/ui/", timeout=5).headers
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -7,8 +7,8 @@
 --   run      the caller executes the step (marked running when mark = '1');
 --   done     the step already ended (a redelivered message): do not run it again;
 --   busy     another message (another task id) is running it now;
---   held     this message again while the delivery running the step holds a live lease
---            (l:<step>, renewed by its worker's heartbeat: orchestrator/recovery.py);
+--   held     this message again while the execution it started still runs: its lease
+--            is live (orchestrator/recovery.py); come back later;
 --   inactive the run is not active (cancelled, failed, ...), or is recovering from a
 --            failure and this is not a recovery step; missing: no such run.
 local run = KEYS[1]
@@ -34,14 +34,19 @@ if rec then
   elseif s == 'running' and r['task_id'] ~= ARGV[2] then
     return {'busy', status, rec}
   elseif s == 'running' then
-    local lease = redis.call('HGET', run, 'l:' .. ARGV[1])
-    if lease then
-      local l = cjson.decode(lease)
-      local now = redis.call('TIME')  -- Redis' clock, as in renew_lease.lua: no skew
-      if l['t'] == r['task_id'] and l['w'] == r['worker']
-          and l['u'] > now[1] + now[2] / 1e6 then
-        return {'held', status, rec}
+    -- Live until its lease ends (l:<key>, renewed by its worker's heartbeat) or, before
+    -- the first heartbeat, until started_at + lease: the running record says how long.
+    local untl = r['lease'] and r['started_at'] + r['lease']
+    local raw = redis.call('HGET', run, 'l:' .. ARGV[1])
+    if raw then
+      local l = cjson.decode(raw)
+      if l['t'] == r['task_id'] and l['w'] == r['worker'] then
+        untl = l['u']
       end
+    end
+    local now = redis.call('TIME')
+    if untl and untl > now[1] + now[2] / 1e6 then
+      return {'held', status, rec}
     end
   end
 end

@@ -1,15 +1,28 @@
--- Drop the lease of a step that a worker node no longer runs (it ended, or its process
--- died and Celery gave the message back), so a new delivery need not wait for it to lapse.
+-- A worker process no longer runs a step: it ended, or the process died (orchestrator/
+-- recovery.py). If the step's record still says that process runs it, the process died
+-- mid-step: mark its lease lapsed (u = 0), so the message Celery gives back runs at once
+-- instead of waiting for the lease (or the running record's own) to run out. Otherwise
+-- drop that process's lease, if it still holds one.
 -- KEYS: run hash.
--- ARGV: step key, Celery task id, worker node name.
--- Deletes l:<key> only if that node holds it for that task id; returns 1 then, else 0.
-local raw = redis.call('HGET', KEYS[1], 'l:' .. ARGV[1])
+-- ARGV: step key, Celery task id, worker ('<node>:<pid>').
+-- Returns 1 when it changed something, else 0.
+local rec = redis.call('HGET', KEYS[1], 's:' .. ARGV[1])
+if not rec then
+  return 0
+end
+local lkey = 'l:' .. ARGV[1]
+local r = cjson.decode(rec)
+if r['status'] == 'running' and r['task_id'] == ARGV[2] and r['worker'] == ARGV[3] then
+  redis.call('HSET', KEYS[1], lkey, cjson.encode({t = ARGV[2], w = ARGV[3], u = 0}))
+  return 1
+end
+local raw = redis.call('HGET', KEYS[1], lkey)
 if not raw then
   return 0
 end
 local l = cjson.decode(raw)
-if l['t'] ~= ARGV[2] or string.sub(l['w'], 1, #ARGV[3] + 1) ~= ARGV[3] .. ':' then
+if l['t'] ~= ARGV[2] or l['w'] ~= ARGV[3] then
   return 0
 end
-redis.call('HDEL', KEYS[1], 'l:' .. ARGV[1])
+redis.call('HDEL', KEYS[1], lkey)
 return 1

@@ -1,23 +1,22 @@
--- Renew the lease of a step that a worker node is running now (orchestrator/recovery.py).
--- A lease says "this execution is alive": a second delivery of the same message finds it
--- and waits (begin_step.lua answers 'held') instead of running the step twice at once.
+-- Renew the lease of a step that a worker process is running now (orchestrator/recovery.py).
+-- A live lease says "this execution is alive": a second delivery of the same message finds
+-- it and waits (begin_step.lua answers 'held') instead of running the step twice at once.
 -- KEYS: run hash.
--- ARGV: step key, Celery task id, worker node name, lease length (seconds).
+-- ARGV: step key, Celery task id, worker ('<node>:<pid>', as in step records), lease length
+--       in seconds.
 -- Writes l:<key> = {t: task id, w: worker, u: lease end, epoch seconds by Redis' clock so
--- that workers' clocks need not agree} only while the step's record says running under
--- that task id in a process of that node; returns 1 then, else 0 (the step ended, or runs
--- elsewhere now, or the run is gone: nothing to renew).
+-- that workers' clocks need not agree} only while the step's record says it runs under that
+-- task id in that process. Returns 1 then, else 0 (the step ended, or runs elsewhere now,
+-- or the run is gone: nothing to renew).
 local rec = redis.call('HGET', KEYS[1], 's:' .. ARGV[1])
 if not rec then
   return 0
 end
 local r = cjson.decode(rec)
-local worker = r['worker']
-if r['status'] ~= 'running' or r['task_id'] ~= ARGV[2] or type(worker) ~= 'string'
-    or string.sub(worker, 1, #ARGV[3] + 1) ~= ARGV[3] .. ':' then
+if r['status'] ~= 'running' or r['task_id'] ~= ARGV[2] or r['worker'] ~= ARGV[3] then
   return 0
 end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'l:' .. ARGV[1],
-  cjson.encode({t = ARGV[2], w = worker, u = now[1] + now[2] / 1e6 + ARGV[4]}))
+  cjson.encode({t = ARGV[2], w = ARGV[3], u = now[1] + now[2] / 1e6 + ARGV[4]}))
 return 1

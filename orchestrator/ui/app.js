@@ -22,6 +22,11 @@
   const ACTIVE = new Set(['pending', 'running', 'waiting']);
   const LIST_REFRESH_MS = 3000;
   const RUN_POLL_MS = 1000;
+  // A run with thousands of step instances (a large forEach) is read less often, and only
+  // its first MAX_STEP_ROWS steps (in start order) are drawn in the table.
+  const BIG_RUN_STEPS = 1000;
+  const BIG_RUN_POLL_MS = 5000;
+  const MAX_STEP_ROWS = 500;
 
   // -- DOM helpers -------------------------------------------------------------------------
 
@@ -52,6 +57,18 @@
   const jsonText = (value) => JSON.stringify(value, null, 2);
   const pre = (value, props = {}) => el('pre', { ...props, class: 'json', text: jsonText(value) });
   const enc = encodeURIComponent;
+
+  /** A recorded error ({type, message, step, traceback, ...}): the line, then the rest. */
+  function errorView(error) {
+    if (error === null || typeof error !== 'object' || Array.isArray(error)) return pre(error);
+    const { type, message, step, traceback, ...rest } = error;
+    return el('div', { class: 'error-view' },
+      el('p', { class: 'error' }, type ? el('b', { text: type }) : null, type ? ': ' : '',
+        message === undefined ? '' : String(message), step ? ` (step ${step})` : ''),
+      Object.keys(rest).length ? pre(rest) : null,
+      traceback ? el('details', {}, el('summary', { text: 'traceback' }),
+        el('pre', { class: 'json', text: String(traceback) })) : null);
+  }
   const runHref = (id) => `#/runs/${enc(id)}`;
 
   const pad = (n, width = 2) => String(n).padStart(width, '0');
@@ -194,7 +211,13 @@
     document.querySelectorAll('nav a[data-nav]').forEach((a) => {
       a.classList.toggle('active', a.dataset.nav === section);
     });
-    if (match) runView(view, root, decodeURIComponent(match[1]));
+    let runId = null;
+    try {
+      runId = match ? decodeURIComponent(match[1]) : null;
+    } catch (_) {
+      runId = match[1]; // not valid percent-encoding: ask for it as it is (a 404)
+    }
+    if (match) runView(view, root, runId);
     else if (path === '/trigger') triggerView(view, root, params);
     else runsView(view, root, params);
   }
@@ -445,7 +468,8 @@
         state.graphSig = graphSig;
         renderGraph(run);
       }
-      if (ACTIVE.has(run.status)) later(view, poll, RUN_POLL_MS);
+      const big = Object.keys(run.steps).length > BIG_RUN_STEPS;
+      if (ACTIVE.has(run.status)) later(view, poll, big ? BIG_RUN_POLL_MS : RUN_POLL_MS);
     }
 
     function addEvents(events) {
@@ -468,8 +492,15 @@
           el('td', { class: 'num', text: created && ts ? `+${fmtDuration(Math.max(0, ts - created))}` : '' }),
           el('td', { text: type }),
           el('td', { class: 'mono', text: step || '' }),
-          el('td', {}, Object.keys(rest).length ? el('code', { text: JSON.stringify(rest) }) : '')));
+          el('td', {}, eventDetails(rest))));
       }
+    }
+
+    function eventDetails(rest) {
+      if (!Object.keys(rest).length) return '';
+      const text = JSON.stringify(rest);
+      if (text.length <= 240) return el('code', { text });
+      return el('details', {}, el('summary', {}, el('code', { text: `${text.slice(0, 200)}…` })), pre(rest));
     }
 
     function renderRun(run) {
@@ -493,7 +524,7 @@
       again.hidden = false;
       again.href = `#/trigger?flow=${enc(run.flow)}&inputs=${enc(JSON.stringify(run.inputs || {}))}`;
       errorBox.hidden = !run.error;
-      if (run.error) errorBox.replaceChildren(el('h2', { class: 'error', text: 'Error' }), pre(run.error));
+      if (run.error) errorBox.replaceChildren(el('h2', { class: 'error', text: 'Error' }), errorView(run.error));
       inputsPre.textContent = jsonText(run.inputs || {});
       outputsPre.textContent = run.outputs === null || run.outputs === undefined
         ? (ACTIVE.has(run.status) ? '(not yet)' : '(none)') : jsonText(run.outputs);
@@ -578,7 +609,7 @@
       for (const [, s] of entries) t1 = Math.max(t1, s.finished_at || 0);
       const span = Math.max(t1 - t0, 0.001);
       const rows = [];
-      for (const [key, s] of entries) {
+      for (const [key, s] of entries.slice(0, MAX_STEP_ROWS)) {
         const end = s.finished_at || (s.started_at ? (ACTIVE.has(run.status) ? now() : t1) : null);
         const track = el('div', { class: 'bar-track' });
         if (s.started_at) {
@@ -608,6 +639,10 @@
           el('td', {}, track),
           el('td', {}, toggle)), detail);
       }
+      if (entries.length > MAX_STEP_ROWS) {
+        rows.push(el('tr', {}, el('td', { colspan: 9, class: 'muted',
+          text: `… and ${entries.length - MAX_STEP_ROWS} more step instances (GET /v1/runs/${run.id} has them all)` })));
+      }
       stepsBody.replaceChildren(...rows);
     }
 
@@ -617,7 +652,7 @@
       if (wait) parts.push(el('p', { text: wait }));
       if (s.input !== null && s.input !== undefined) parts.push(el('div', {}, el('b', { text: 'Input' }), pre(s.input)));
       if (s.output !== null && s.output !== undefined) parts.push(el('div', {}, el('b', { text: 'Output' }), pre(s.output)));
-      if (s.error) parts.push(el('div', {}, el('b', { class: 'error', text: 'Error' }), pre(s.error)));
+      if (s.error) parts.push(el('div', {}, el('b', { class: 'error', text: 'Error' }), errorView(s.error)));
       if (!parts.length) parts.push(el('p', { class: 'muted', text: 'No input, output or error recorded.' }));
       return el('div', { class: 'grid2' }, parts);
     }

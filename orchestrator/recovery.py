@@ -1,0 +1,327 @@
+"""Crash recovery and shutdown: no step waits on a worker that is gone.
+
+The Redis broker has no real acknowledgements. kombu keeps every delivered message that
+is not acknowledged yet in a hash (``unacked``) and its delivery time in a sorted set
+(``unacked_index``), and puts a message back in its queue once it has sat there longer
+than the visibility timeout. Alone, that makes the steps of a SIGKILLed worker node wait
+for the whole timeout (an hour), which must be that long because a step still running
+when it passes would be delivered a second time.
+
+So every worker node runs a :class:`Heartbeat` thread in its main process (started by the
+``worker_ready`` signal, stopped by ``worker_shutdown`` after the pool has drained). Every
+``heartbeat_s`` seconds it
+
+* moves the ``unacked_index`` score of every message the node holds (running, reserved,
+  or waiting out a retry countdown) to now: a live node's messages never look abandoned,
+  however long its steps run;
+* renews the *lease* of every step its processes run (``l:<step>`` in the run hash,
+  ``lua/renew_lease.lua``) and lets go of those of steps they no longer run
+  (``lua/release_lease.lua``);
+* sweeps: puts back in its queue every message whose score is older than ``lease_s``
+  (kombu's ``restore_by_tag``, a WATCH/MULTI transaction per message, so sweeps running
+  on many workers at once give a message back once).
+
+A node that dies stops heartbeating, and within ``lease_s`` plus one heartbeat any live
+worker puts its messages back: the very messages, with their chain and chord. Beat plays
+no part, so recovery does not depend on it. The visibility timeout stays the last resort,
+for messages of workers that do not heartbeat.
+
+A step is alive while its lease is: ``lease_s`` past its start (the running record says
+so) and then past its last heartbeat. A message delivered again while its step is alive
+(the worker's broker connection dropped and Celery gave its messages back; a second copy
+of a message whose holder died) finds it so: ``begin_step.lua`` answers ``held`` and the
+delivery comes back after a heartbeat instead of running the step twice at once. When a
+pool process dies mid-step, :class:`StepRequest` marks its lease lapsed before Celery
+gives the message back, so that redelivery runs at once.
+
+Shutdown: SIGTERM is Celery's warm shutdown (running steps finish, nothing new starts).
+After ``shutdown_timeout_s`` the node sends itself SIGQUIT, Celery's cold shutdown: the
+steps still running are stopped and their unacknowledged messages go back to the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import Terminated, WorkerLostError
+from celery import signals
+from celery.worker import state
+from celery.worker.request import Request
+
+from .compiler import STEP_TASK, node_key
+from .settings import Settings
+from .store import RedisStore, _script
+
+log = logging.getLogger("orchestrator.recovery")
+
+#: At most this many abandoned messages go back per sweep (the rest at the next one).
+SWEEP_LIMIT = 500
+
+
+class Heartbeat:
+    """One worker node's heartbeat, lease renewal and sweep (see the module docstring)."""
+
+    def __init__(self, consumer: Any, settings: Settings):
+        self.consumer, self.settings = consumer, settings
+        self.app = consumer.app
+        #: The node name, as in step records' ``worker`` (``<node>:<pid>``).
+        self.node: str = consumer.hostname
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shutdown_timer: threading.Thread | None = None
+        #: Executions whose lease this node renewed: (run id, step key, task id, worker).
+        self._leased: set[tuple[str, str, str, str]] = set()
+        self._store = RedisStore(settings)  # connects on first use
+        self._renew = self._store.r.register_script(_script("renew_lease"))
+        self._release = self._store.r.register_script(_script("release_lease"))
+        self._conn: Any = None
+        self._channel: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, name="orchestrator-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """The pool has drained: stop beating, and drop the leases of steps that ended."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
+            if not thread.is_alive():
+                self.beat()
+        self._close()
+
+    def limit_shutdown(self) -> None:
+        """A warm shutdown began: stop the steps still running after ``shutdown_timeout_s``."""
+        limit = self.settings.shutdown_timeout_s
+        if limit <= 0 or self._shutdown_timer is not None or not hasattr(signal, "SIGQUIT"):
+            return
+        self._shutdown_timer = threading.Thread(
+            target=self._escalate, args=(limit,), name="orchestrator-shutdown", daemon=True
+        )
+        self._shutdown_timer.start()
+
+    def _escalate(self, limit: float) -> None:
+        if self._stopping.wait(limit):
+            return  # everything finished in time
+        running = len(_snapshot(state.active_requests))
+        log.warning(
+            "warm shutdown: %d task(s) still running after %g s "
+            "(ORCHESTRATOR_SHUTDOWN_TIMEOUT_S): stopping them; their messages go back "
+            "to the queue",
+            running,
+            limit,
+        )
+        # Celery's cold shutdown: cancel the running tasks without acknowledging them,
+        # so closing the channel gives their messages back (kombu restore_unacked).
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    def _loop(self) -> None:
+        while True:
+            self.beat()
+            if self._stopping.wait(self.settings.heartbeat_s):
+                return
+
+    # -- one heartbeat --------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Heartbeat held messages, sweep abandoned ones, renew and drop step leases."""
+        now = time.time()
+        requests = _snapshot(state.active_requests)
+        try:
+            self._beat_broker(now, requests)
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive any outage
+            log.warning("heartbeat: broker unreachable (%s); retrying", exc)
+            self._close_broker()
+        try:
+            self._beat_leases(requests)
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive any outage
+            log.warning("heartbeat: run state unreachable (%s); retrying", exc)
+
+    def _broker(self) -> Any:
+        """A channel of our own on the broker; None when it is not Redis (real acks)."""
+        if self._conn is None:
+            self._conn = self.app.connection_for_write()
+            self._channel = None
+            if self._conn.transport.driver_type == "redis":
+                self._channel = self._conn.channel()
+        return self._channel
+
+    def _close_broker(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # closing a connection that already broke
+                conn.release()
+
+    def _held_tags(self, requests: Iterable[Any]) -> set[str]:
+        """Delivery tags of every message this node holds and has not acknowledged."""
+        tags: set[str] = set()
+        channel = getattr(getattr(self.consumer, "task_consumer", None), "channel", None)
+        delivered = getattr(getattr(channel, "_qos", None), "_delivered", None)
+        if delivered is not None:  # reserved, running and waiting-for-countdown messages
+            tags.update(_snapshot(delivered))
+        for req in requests:  # running ones received on an earlier connection
+            tag = getattr(getattr(req, "message", None), "delivery_tag", None)
+            if tag:
+                tags.add(tag)
+        return tags
+
+    def _beat_broker(self, now: float, requests: tuple[Any, ...]) -> None:
+        channel = self._broker()
+        if channel is None:
+            return
+        with channel.conn_or_acquire() as client:
+            tags = self._held_tags(requests)
+            if tags:  # XX: never resurrect a message acknowledged meanwhile
+                client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+            self.sweep(channel, client, now)
+
+    def sweep(self, channel: Any, client: Any, now: float) -> int:
+        """Put back in their queues the messages nobody heartbeated for ``lease_s``."""
+        stale = client.zrange(
+            channel.unacked_index_key,
+            "-inf",
+            now - self.settings.lease_s,
+            byscore=True,
+            offset=0,
+            num=SWEEP_LIMIT,
+            withscores=True,
+        )
+        for tag, score in stale:
+            raw = client.hget(channel.unacked_key, tag)
+            channel.qos.restore_by_tag(tag, client=client)
+            if raw:
+                headers = json.loads(raw)[0].get("headers") or {}
+                log.warning(
+                    "recovery: gave back %s[%s], not heartbeated for %.1f s",
+                    headers.get("shadow") or headers.get("task"),
+                    headers.get("id"),
+                    now - score,
+                )
+        return len(stale)
+
+    def _beat_leases(self, requests: tuple[Any, ...]) -> None:
+        running = [ex for ex in map(_execution, requests) if ex is not None]
+        ended = self._leased.difference(running)
+        if not running and not ended:
+            return
+        store = self._store
+        pipe = store.r.pipeline(transaction=False)
+        for run_id, key, task_id, worker in running:
+            self._renew(
+                keys=[store.run_key(run_id)],
+                args=[key, task_id, worker, self.settings.lease_s],
+                client=pipe,
+            )
+        for run_id, key, task_id, worker in ended:
+            self._release(keys=[store.run_key(run_id)], args=[key, task_id, worker], client=pipe)
+        renewed = pipe.execute()[: len(running)]
+        # Keep what we leased until its request ends (then let go of it, above).
+        self._leased = {
+            ex for ex, ok in zip(running, renewed, strict=True) if ok or ex in self._leased
+        }
+
+    def release_now(self, request: Any) -> None:
+        """The pool process running ``request`` died: its step's lease lapses now."""
+        ex = _execution(request)
+        if ex is None or self.settings.heartbeat_s <= 0:
+            return
+        run_id, key, task_id, worker = ex
+        try:
+            self._release(keys=[self._store.run_key(run_id)], args=[key, task_id, worker])
+        except Exception as exc:  # noqa: BLE001 - then the lease just runs out
+            log.warning("could not release the lease of %s in run %s: %s", key, run_id, exc)
+
+    def _close(self) -> None:
+        self._close_broker()
+        self._store.close()
+
+
+def _snapshot(items: Iterable[Any]) -> tuple[Any, ...]:
+    """A copy of a set or dict another thread changes (Celery's consumer owns them)."""
+    for _ in range(10):
+        try:
+            return tuple(items)
+        except RuntimeError:  # changed size during iteration: copy again
+            continue
+    return ()
+
+
+def _execution(request: Any) -> tuple[str, str, str, str] | None:
+    """(run id, step key, task id, worker) of a step task's request, or None."""
+    if getattr(request, "type", None) != STEP_TASK or not request.worker_pid:
+        return None
+    try:
+        run_id, node_id, path = request.args[0], request.args[3], request.args[4]
+        return (
+            run_id,
+            node_key(node_id, path),
+            request.id,
+            f"{request.hostname}:{request.worker_pid}",
+        )
+    except (IndexError, TypeError):
+        return None
+
+
+class StepRequest(Request):
+    """The step task's request in a worker's main process (``Task.Request``).
+
+    When the pool process running a step dies (SIGKILL, out of memory) Celery gives its
+    message back at once (``task_reject_on_worker_lost``); marking the lease lapsed first
+    lets that delivery run the step now rather than wait for the lease to run out.
+    """
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError | Terminated | SystemExit | KeyboardInterrupt):
+            hb = _nodes.get(self.hostname)
+            if hb is not None:
+                hb.release_now(self)
+        return super().on_failure(
+            exc_info, send_failed_event=send_failed_event, return_ok=return_ok
+        )
+
+
+#: The heartbeat of each worker node in this process, by node name.
+_nodes: dict[str, Heartbeat] = {}
+
+
+@signals.worker_ready.connect
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    settings = getattr(sender.app.conf, "orchestrator_settings", None)
+    if settings is None:
+        return  # a worker of some other app
+    hb = _nodes[sender.hostname] = Heartbeat(sender, settings)
+    if settings.heartbeat_s > 0:
+        hb.start()
+
+
+@signals.worker_shutting_down.connect
+def _worker_shutting_down(sender: Any = None, how: str = "", **_: Any) -> None:
+    hb = _nodes.get(sender)
+    if hb is not None and how == "Warm":
+        hb.limit_shutdown()
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(sender: Any = None, **_: Any) -> None:
+    hb = _nodes.pop(getattr(sender, "hostname", None), None)
+    if hb is not None:
+        hb.stop()
