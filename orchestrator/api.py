@@ -48,6 +48,8 @@ from .webhooks import SignatureError
 from .webhooks import verify as verify_signature
 
 STATUSES = (*ACTIVE, *ENDED)
+#: A Redis stream entry id (``<ms>`` or ``<ms>-<seq>``, each below 2**64); Redis rejects others.
+STREAM_ID = r"^[0-9]{1,19}(-[0-9]{1,19})?$"
 
 
 class TriggerBody(BaseModel):
@@ -81,7 +83,7 @@ class ReplayBody(BaseModel):
     """Body of ``POST /v1/events/{channel}/replay``: which dead-letter entries (none: all)."""
 
     model_config = ConfigDict(extra="forbid")
-    ids: list[str] | None = None
+    ids: list[Annotated[str, Field(pattern=STREAM_ID)]] | None = None
 
 
 class _Unauthorized(Exception):
@@ -177,7 +179,9 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(redis.RedisError)
     async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
-        return _error(503, "unavailable", f"cannot reach Redis: {exc}")
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return _error(503, "unavailable", f"cannot reach Redis: {exc}")
+        return _error(500, "internal_error", f"Redis refused a command: {exc}")
 
 
 def create_api(settings: Settings, client: Client | None = None, dev: bool = False) -> FastAPI:
@@ -272,7 +276,10 @@ def create_api(settings: Settings, client: Client | None = None, dev: bool = Fal
         return client.get(run_id).as_dict()
 
     @v1.get("/runs/{run_id}/events", tags=["runs"])
-    def run_events(run_id: str, after: str = "-") -> dict[str, Any]:
+    def run_events(
+        run_id: str,
+        after: str = Query("-", pattern=f"^-$|{STREAM_ID}", description="an event id, or -"),
+    ) -> dict[str, Any]:
         """The run's event log, oldest first; ``after`` is an event id to continue from."""
         client.get(run_id)  # 404 for an unknown run rather than an empty list
         return {"events": client.events(run_id, after=after)}

@@ -2,8 +2,10 @@
 
 Workers run on many machines and the API is another process, so nothing is counted
 in process memory: every count is a field of one Redis hash, ``<prefix>metrics``,
-bumped by the Lua script that makes the state change it counts (``lua/metrics.lua``
-and its callers), so a count is exact under redelivery and costs no round trip.
+incremented in the pipeline that runs the Lua script making the state change it counts
+(no round trip of its own) and taken back in the rare case that the script refuses the
+change (a redelivered step that had ended, an idempotent trigger): counts are exact,
+but for a scrape that falls between the two.
 :mod:`orchestrator.metrics` reads the hash when Prometheus scrapes.
 
 Fields are ``<name>|<flow>[|<label>]`` (flow names have no ``|``):
@@ -23,6 +25,8 @@ Fields are ``<name>|<flow>[|<label>]`` (flow names have no ``|``):
 
 from __future__ import annotations
 
+from typing import Any
+
 #: Upper bounds (seconds) of the run duration buckets: runs last from milliseconds to
 #: days (an approval waits for people).
 RUN_BUCKETS: tuple[float, ...] = (
@@ -34,8 +38,8 @@ STEP_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800,
 )  # fmt: skip
 
-#: The run buckets as the Lua scripts take them (they echo a bound back as ``le``).
-RUN_BOUNDS_ARG = ",".join(str(b) for b in RUN_BUCKETS)
+#: Metric increments: (field, amount) pairs.
+Counts = list[tuple[str, float]] | tuple[()]
 
 
 def bucket(bounds: tuple[float, ...], seconds: float) -> str:
@@ -46,7 +50,7 @@ def bucket(bounds: tuple[float, ...], seconds: float) -> str:
     return "+Inf"
 
 
-def step_counts(flow: str, seconds: float | None, retried: bool = False) -> list[tuple[str, float]]:
+def step_counts(flow: str, seconds: float | None, retried: bool = False) -> Counts:
     """Increments for one step attempt that ended: its duration (None: not a task step,
     whose duration is not observed) and whether it is retried."""
     out: list[tuple[str, float]] = []
@@ -55,4 +59,14 @@ def step_counts(flow: str, seconds: float | None, retried: bool = False) -> list
         out += [(f"step|{flow}|{bucket(STEP_BUCKETS, seconds)}", 1), (f"step_sum|{flow}", seconds)]
     if retried:
         out.append((f"retries|{flow}", 1))
+    return out
+
+
+def run_counts(flow: str, status: str, created_at: Any, finished_at: Any) -> Counts:
+    """Increments for a run that ended with ``status``; its duration is observed when both
+    times are known (epoch seconds, as numbers or as Redis returns them)."""
+    out: list[tuple[str, float]] = [(f"finished|{flow}|{status}", 1)]
+    if created_at is not None and finished_at is not None:
+        seconds = max(float(finished_at) - float(created_at), 0.0)
+        out += [(f"run|{flow}|{bucket(RUN_BUCKETS, seconds)}", 1), (f"run_sum|{flow}", seconds)]
     return out

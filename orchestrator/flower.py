@@ -3,8 +3,8 @@
 ``orchestrator flower`` runs Flower (``celery flower``) in its own process for the
 orchestrator's Celery app, with HTTP basic auth from ``ORCHESTRATOR_FLOWER_BASIC_AUTH``.
 The credentials go to Flower inside this process, on no command line (``ps`` shows
-command lines to every user) and in no log. Flower turns task events on in the workers
-itself (every few seconds), so a worker pays for events only while someone watches.
+command lines to every user) and in no log. Workers send the task events Flower reads
+(``ORCHESTRATOR_TASK_EVENTS``, see ``app.celery_config``).
 
 Every step message is one ``orchestrator.step`` task sent under the name
 ``<flow>.<step>`` (Celery's ``shadow`` option), whose first argument is the run id:

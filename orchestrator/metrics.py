@@ -14,6 +14,7 @@ import logging
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ log = logging.getLogger("orchestrator.metrics")
 
 #: The worker pools whose queues are measured (as ``orchestrator worker --pool`` reads it).
 DEFAULT_POOLS_FILE = "workers/pools.yaml"
-#: Active runs read per round trip when counting them by status.
+#: Active runs counted per call of ``lua/count_runs.lua`` (each holds Redis about 1.5 ms).
 PAGE = 1000
 
 
@@ -57,6 +58,8 @@ class OrchestratorCollector(Collector):
     def __init__(self, client: Client, pools_file: str | Path | None = DEFAULT_POOLS_FILE):
         self.client = client
         self.pools_file = Path(pools_file) if pools_file else None
+        lua = resources.files("orchestrator").joinpath("lua/count_runs.lua").read_text()
+        self._count_runs = client.store.r.register_script(lua)
 
     def collect(self) -> Iterator[Metric]:
         store = self.client.store
@@ -75,7 +78,8 @@ class OrchestratorCollector(Collector):
             yield family
 
     def _active_runs(self, flows: list[str]) -> Iterator[Metric]:
-        """Runs not yet ended, by flow and status: one round trip per ``PAGE`` runs."""
+        """Runs not yet ended, by flow and status: two round trips per ``PAGE`` runs,
+        counted in Redis (``lua/count_runs.lua``), so only the counts travel."""
         store = self.client.store
         counts: dict[tuple[str, str], int] = defaultdict(int)
         start = 0
@@ -84,12 +88,11 @@ class OrchestratorCollector(Collector):
             if not ids:
                 break
             start += PAGE
-            pipe = store.r.pipeline(transaction=False)
-            for rid in ids:
-                pipe.hmget(store.run_key(rid), ["flow", "status"])
-            for flow, status in pipe.execute():
-                if flow is not None and status in ACTIVE:  # expired or ended meanwhile: skip
-                    counts[(flow, status)] += 1
+            found = self._count_runs(keys=[store.run_key(rid) for rid in ids])
+            for key, n in zip(found[::2], found[1::2], strict=True):
+                flow, _, status = key.rpartition("|")
+                if status in ACTIVE:  # a run that ended since the index was read: skip
+                    counts[(flow, status)] += int(n)
         names = sorted({*flows, *(f for f, _ in counts)})
         for status in ACTIVE:
             family = GaugeMetricFamily(
@@ -123,12 +126,13 @@ class OrchestratorCollector(Collector):
         try:
             with conn:
                 conn.ensure_connection(max_retries=1)
-                channel = conn.default_channel
+                channel = conn.channel()
                 for queue in queues:
                     try:
                         out[queue] = channel.queue_declare(queue=queue, passive=True).message_count
                     except conn.channel_errors:  # never declared: nothing waits in it
                         out[queue] = 0
+                        channel = conn.channel()  # the error closed an AMQP channel
         except conn.connection_errors as exc:
             log.warning("metrics: cannot read queue depths from the broker: %s", exc)
             return None

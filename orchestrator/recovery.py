@@ -54,6 +54,7 @@ from typing import Any
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import Terminated, WorkerLostError
 from celery import signals
+from celery.contrib.testing.worker import test_worker_started, test_worker_stopped
 from celery.worker import state
 from celery.worker.request import Request
 
@@ -305,10 +306,19 @@ _nodes: dict[str, Heartbeat] = {}
 
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
-    settings = getattr(sender.app.conf, "orchestrator_settings", None)
+    _start(sender)
+
+
+@test_worker_started.connect
+def _test_worker_started(sender: Any = None, consumer: Any = None, **_: Any) -> None:
+    _start(consumer)  # celery.contrib.testing's embedded worker (orchestrator.testing)
+
+
+def _start(consumer: Any) -> None:
+    settings = getattr(getattr(consumer, "app", None), "conf", {}).get("orchestrator_settings")
     if settings is None:
         return  # a worker of some other app
-    hb = _nodes[sender.hostname] = Heartbeat(sender, settings)
+    hb = _nodes[consumer.hostname] = Heartbeat(consumer, settings)
     if settings.heartbeat_s > 0:
         hb.start()
 
@@ -322,6 +332,15 @@ def _worker_shutting_down(sender: Any = None, how: str = "", **_: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _worker_shutdown(sender: Any = None, **_: Any) -> None:
-    hb = _nodes.pop(getattr(sender, "hostname", None), None)
+    _stop(sender)
+
+
+@test_worker_stopped.connect
+def _test_worker_stopped(sender: Any = None, worker: Any = None, **_: Any) -> None:
+    _stop(worker)
+
+
+def _stop(worker: Any) -> None:
+    hb = _nodes.pop(getattr(worker, "hostname", None), None)
     if hb is not None:
         hb.stop()

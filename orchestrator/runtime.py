@@ -39,7 +39,7 @@ from kombu.exceptions import OperationalError
 from . import expressions, httpcalls
 from .app import results_untracked
 from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, PlanCache, node_key, retry_countdown
-from .counters import step_counts
+from .counters import Counts, run_counts, step_counts
 from .errors import ExpressionError, FlowStopped, NotFound, OrchestratorError, StepError
 from .inputs import validate_inputs
 from .model import ServiceSpec
@@ -130,7 +130,11 @@ def drop_engine(app: Celery) -> None:
         eng.store.close()
 
 
-@shared_task(name=STEP_TASK, bind=True, Request="orchestrator.recovery:StepRequest")
+# max_retries=None: attempts are counted by the orchestrator (retry policies, deferrals);
+# Celery's default of 3 would end a step's fifth try, or its fourth deferral, in an error.
+@shared_task(
+    name=STEP_TASK, bind=True, max_retries=None, Request="orchestrator.recovery:StepRequest"
+)
 def step_task(
     self: Task,
     run_id: str,
@@ -248,6 +252,7 @@ class Execution:
         names = set(refs)
         if final:
             names |= self.plan.output_refs
+            fields.append("created_at")  # the run's duration, for /metrics
         for sid in sorted(names):
             if sid in self.plan.nodes:
                 k = self._ref_key(sid)
@@ -355,7 +360,7 @@ class Execution:
         rec.update({k: v for k, v in extra.items() if v is not None})
         return rec
 
-    def _counts(self, status: str, retried: bool = False) -> list[tuple[str, float]]:
+    def _counts(self, status: str, retried: bool = False) -> Counts:
         """What ``/metrics`` counts for this step's end: an attempt's duration when the
         step did work here (not a skip, a wait or a step group), and a retry."""
         worked = self.node.kind in ("task", "service", "http") and status != "skipped"
@@ -908,9 +913,12 @@ class Execution:
             records.append((k, self._record("succeeded"), output))
             events.append(self._event("step.succeeded", key=k))
         final = None
+        final_counts: Counts = ()
         if self.tail and not self.recovery and self.plan.is_final(node):
             final = self._final(ctx, node.id, status, output, error)
             events.append(self._event(f"run.{final['status']}", key="", error=final.get("error")))
+            at = (self.values.get("created_at"), final["finished_at"])
+            final_counts = run_counts(self.plan.name, final["status"], *at)
         compensable = (
             [json.dumps([node.id, list(path)])]
             if status == "succeeded" and node.id in self.plan.compensable
@@ -924,6 +932,7 @@ class Execution:
             compensable=compensable,
             recovery=self.recovery,
             counts=self._counts(status),
+            final_counts=final_counts,
         )
         if res != "ok":
             return

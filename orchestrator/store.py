@@ -36,9 +36,9 @@ braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
 =================================  =========================================================
 
 Each state change of a run is one Lua script (``lua/*.lua``) touching only that run's
-keys, and ``Pmetrics`` when it is counted (``lua/metrics.lua``); index updates ride in
-the same pipeline. Indexes may briefly list a run in a stale status, so readers check
-the run hash and drop what does not match.
+keys; index updates and metric counts ride in the same pipeline. Indexes may briefly
+list a run in a stale status, so readers check the run hash and drop what does not
+match; a count the script turns out not to earn is taken back at once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from .counters import RUN_BOUNDS_ARG
+from .counters import Counts, run_counts
 from .redisconn import redis_client
 from .settings import Settings
 from .variables import known_secrets, mask
@@ -66,10 +66,8 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _script(*names: str) -> str:
-    """The text of ``lua/<name>.lua``; several files are joined (helpers first)."""
-    lua = resources.files("orchestrator")
-    return "\n".join(lua.joinpath(f"lua/{name}.lua").read_text() for name in names)
+def _script(name: str) -> str:
+    return resources.files("orchestrator").joinpath(f"lua/{name}.lua").read_text()
 
 
 class RedisStore:
@@ -83,8 +81,8 @@ class RedisStore:
         )
         self._create = self.r.register_script(_script("create_run"))
         self._begin = self.r.register_script(_script("begin_step"))
-        self._complete = self.r.register_script(_script("metrics", "complete_step"))
-        self._end = self.r.register_script(_script("metrics", "end_run"))
+        self._complete = self.r.register_script(_script("complete_step"))
+        self._end = self.r.register_script(_script("end_run"))
         self._fanin = self.r.register_script(_script("fanin"))
         self._recover = self.r.register_script(_script("begin_recovery"))
         self._arrive = self.r.register_script(_script("foreach_arrive"))
@@ -103,21 +101,21 @@ class RedisStore:
 
         redis-py's pipeline asks ``SCRIPT EXISTS`` before every pipeline holding a script
         (a second round trip each time); this sends ``EVALSHA`` and loads the script only
-        when Redis answers ``NOSCRIPT`` (after a restart without AOF, or a flush).
+        when Redis answers ``NOSCRIPT`` (after a restart without AOF, or a flush); the
+        other commands ran then, so only the script is sent again (metric counts must
+        not be made twice).
         """
-        for attempt in (1, 2):
-            pipe = self.r.pipeline(transaction=False)
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            more(pipe)
-            res = pipe.execute(raise_on_error=False)
-            if attempt == 1 and isinstance(res[0], NoScriptError):
-                self.r.script_load(script.script)
-                continue
-            for r in res:
-                if isinstance(r, Exception):
-                    raise r
-            return res
-        raise AssertionError("unreachable")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        more(pipe)
+        res = pipe.execute(raise_on_error=False)
+        if isinstance(res[0], NoScriptError):
+            self.r.script_load(script.script)
+            res[0] = self.r.evalsha(script.sha, len(keys), *keys, *args)
+        for r in res:
+            if isinstance(r, Exception):
+                raise r
+        return res
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -148,7 +146,9 @@ class RedisStore:
         self, name: str, version: str, document: dict[str, Any], initial_state: str
     ) -> bool:
         """Store a version (immutable) and make it current; True if the flow is new."""
-        pipe = self.r.pipeline()
+        # Not a MULTI: the keys live on different Cluster slots. The version is written
+        # before the pointer to it, so a reader never finds a version it cannot load.
+        pipe = self.r.pipeline(transaction=False)
         pipe.set(f"{self.p}flowdef:{name}:{version}", dumps(document), nx=True)
         pipe.sadd(f"{self.p}flows", name)
         pipe.hsetnx(f"{self.p}flow:{name}", "state", initial_state)
@@ -187,13 +187,35 @@ class RedisStore:
             if v is not None:
                 fields += [k, v if isinstance(v, str | int | float) else dumps(v)]
 
+        started = [(f"started|{run['flow']}", 1)]
+
         def index(pipe: Any) -> None:
             pipe.zadd(f"{self.p}runs", {rid: now})
             pipe.zadd(f"{self.p}runs:flow:{run['flow']}", {rid: now})
             pipe.zadd(f"{self.p}runs:active", {rid: now})
+            self._count(pipe, started)
 
-        keys = [self.run_key(rid), self.events_key(rid), self.metrics_key()]
-        return bool(self._script_and(self._create, keys, [dumps(event), *fields], index)[0])
+        keys = [self.run_key(rid), self.events_key(rid)]
+        created = bool(self._script_and(self._create, keys, [dumps(event), *fields], index)[0])
+        if not created:
+            self._uncount(started)
+        return created
+
+    def _count(self, pipe: Any, counts: Counts, sign: int = 1) -> None:
+        """Add metric increments (``counters``) to ``Pmetrics`` in a pipeline.
+
+        They ride in the pipeline of the script that makes the change they count (no
+        round trip of their own, and no key of another Cluster slot in the script);
+        the rare change that the script refuses takes them back with ``_uncount``.
+        """
+        for field, amount in counts:
+            pipe.hincrbyfloat(self.metrics_key(), field, sign * amount)
+
+    def _uncount(self, counts: Counts) -> None:
+        if counts:
+            pipe = self.r.pipeline(transaction=False)
+            self._count(pipe, counts, -1)
+            pipe.execute()
 
     def begin_step(
         self,
@@ -232,10 +254,14 @@ class RedisStore:
         final: dict[str, Any] | None = None,
         compensable: list[str] | tuple[str, ...] = (),
         recovery: bool = False,
-        counts: list[tuple[str, float]] | tuple[()] = (),
+        counts: Counts = (),
+        final_counts: Counts = (),
     ) -> str:
-        """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-NO_OUTPUT);
-        ``counts`` are metric increments (``counters.step_counts``), made with the records."""
+        """See ``lua/complete_step.lua``. ``records`` are (key, record, output-or-NO_OUTPUT).
+
+        ``counts`` are metric increments that stand when the records are written
+        (``counters.step_counts``), ``final_counts`` those that stand when ``final`` ends
+        the run (``counters.run_counts``)."""
         if known_secrets():  # a secret this process resolved is never written (``***``)
             records, events, final = mask([records, events, final])
         args: list[Any] = ["1" if recovery else "0", len(records)]
@@ -245,26 +271,31 @@ class RedisStore:
         args += [dumps(e) for e in events]
         args.append(len(compensable))
         args += list(compensable)
-        args.append(len(counts))
-        for field, amount in counts:
-            args += [field, amount]
-        keys = [
-            self.run_key(run_id),
-            self.events_key(run_id),
-            self.comp_key(run_id),
-            self.metrics_key(),
-        ]
+        keys = [self.run_key(run_id), self.events_key(run_id), self.comp_key(run_id)]
         if not final:
-            return self._complete(keys=keys, args=[*args, "", 0, ""])
-        args += [final["status"], self.settings.retention_s, RUN_BOUNDS_ARG]
+            if not counts:
+                return self._complete(keys=keys, args=[*args, "", 0])
+            res = self._script_and(
+                self._complete, keys, [*args, "", 0], lambda pipe: self._count(pipe, counts)
+            )[0]
+            if res in ("dup", "missing"):  # nothing was written: nothing to count
+                self._uncount(counts)
+            return res
+        args += [final["status"], self.settings.retention_s]
         for k, v in final.items():
             if k != "status":
                 args += [k, v if isinstance(v, str | int | float) else dumps(v)]
 
         def index(pipe: Any) -> None:
             self._index_ended(pipe, run_id, final["status"], final.get("finished_at"))
+            self._count(pipe, [*counts, *final_counts])
 
-        return self._script_and(self._complete, keys, args, index)[0]
+        res = self._script_and(self._complete, keys, args, index)[0]
+        if res in ("dup", "missing"):
+            self._uncount([*counts, *final_counts])
+        elif res != "ok":  # the records were written, but the run did not end here
+            self._uncount(final_counts)
+        return res
 
     def _index_ended(self, pipe: Any, run_id: str, status: str, at: float | None) -> None:
         at = at or time.time()
@@ -291,7 +322,6 @@ class RedisStore:
             status,
             dumps(event),
             self.settings.retention_s if status in ENDED else 0,
-            RUN_BOUNDS_ARG,
         ]
         for k, v in (fields or {}).items():
             args += [k, v if isinstance(v, str | int | float) else dumps(v)]
@@ -299,13 +329,22 @@ class RedisStore:
         def index(pipe: Any) -> None:
             if status in ENDED:
                 self._index_ended(pipe, run_id, status, (fields or {}).get("finished_at"))
+                pipe.hmget(self.run_key(run_id), ["flow", "created_at"])
             else:
                 pipe.zadd(f"{self.p}runs:active", {run_id: time.time()})
                 for s in ENDED:
                     pipe.zrem(f"{self.p}runs:status:{s}", run_id)
 
-        keys = [self.run_key(run_id), self.events_key(run_id), self.metrics_key()]
-        return self._script_and(self._end, keys, args, index)[0]
+        keys = [self.run_key(run_id), self.events_key(run_id)]
+        res = self._script_and(self._end, keys, args, index)
+        if status in ENDED:  # it moved (else the script raised): a second round trip to
+            # count it, on these rarer ends only (cancel, recovery done, publish failed)
+            flow, created_at = res[-1]
+            finished_at = (fields or {}).get("finished_at")
+            pipe = self.r.pipeline(transaction=False)
+            self._count(pipe, run_counts(flow or "", status, created_at, finished_at))
+            pipe.execute()
+        return res[0]
 
     def fanin(self, run_id: str, key: str, member: str, expected: int) -> bool:
         """Count an arrival; True for the single caller that completes the fan-in."""

@@ -60,7 +60,13 @@ def test_the_example_flows_load_cleanly() -> None:
     loaded = load(REPO / "flows")
     names = {item.name for item in loaded}
     assert {"text", "etl"} <= names
-    assert {item.kind for item in loaded} == {"Flow", "Schedule"}
+    assert {item.kind for item in loaded} == {
+        "Flow",
+        "Schedule",
+        "Variable",
+        "Service",
+        "EventSubscription",
+    }
     for item in loaded:
         assert item.source is not None and item.source.file.endswith((".yaml", ".yml"))
 

@@ -39,6 +39,11 @@ def shout(text):
 @shared_task(name="demo.pid")
 def pid():
     return os.getpid()
+
+
+@shared_task(name="demo.env")
+def env(name):
+    return os.environ.get(name)
 '''
 
 GREETING = """
@@ -56,6 +61,17 @@ spec:
   outputs:
     text: "${steps.shout.output}"
     pid: "${steps.pid.output}"
+"""
+
+ENV = """
+apiVersion: orchestrator/v1
+kind: Flow
+metadata: {name: env}
+spec:
+  inputs:
+    name: {type: string, required: true}
+  steps: [{id: env, task: demo.env, with: {name: "${inputs.name}"}}]
+  outputs: {value: "${steps.env.output}"}
 """
 
 NAP = """
@@ -96,6 +112,14 @@ def test_worker_is_shared_by_the_module(orchestrator_client, orchestrator_worker
     assert orchestrator_client.trigger("greeting", {"name": "bo"}).wait(timeout=30)["text"] == (
         "HELLO BO!"
     )
+
+
+@pytest.mark.orchestrator(settings={"tick_s": 0.5})
+def test_marker_settings_reach_the_worker(orchestrator_client, orchestrator_worker):
+    assert orchestrator_worker.pid != SEEN["worker"]  # other settings: another worker
+    assert orchestrator_client.settings.tick_s == 0.5
+    run = orchestrator_client.trigger("env", {"name": "ORCHESTRATOR_TICK_S"})
+    assert run.wait(timeout=30) == {"value": "0.5"}
 
 
 def test_worker_failure_surfaces(orchestrator_client):
@@ -162,6 +186,7 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
     (pytester.path / "flows").mkdir()
     (pytester.path / "flows" / "greeting.yaml").write_text(GREETING)
     (pytester.path / "flows" / "nap.yaml").write_text(NAP)
+    (pytester.path / "flows" / "env.yaml").write_text(ENV)
     # Definitions from the ini file; task modules from the command line (below).
     pytester.makeini(
         """
@@ -181,7 +206,7 @@ def test_plugin_runs_a_users_flows_in_both_modes(project: pytest.Pytester) -> No
         "-p", "no:cacheprovider", "--orchestrator-task-modules=myproject.tasks", timeout=120
     )
 
-    result.assert_outcomes(passed=6, failed=2, errors=1)
+    result.assert_outcomes(passed=7, failed=2, errors=1)
     out = result.stdout.str()
     # A failed run says which step failed and why, in both modes...
     assert out.count("RunFailed") >= 2, out

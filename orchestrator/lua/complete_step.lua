@@ -3,12 +3,11 @@
 -- The first record is compare-and-set: a step already ended is not ended twice,
 -- so a message Celery delivers twice cannot mark a step succeeded twice.
 -- KEYS: run hash, events stream, compensation list (steps with `compensate` that
---       succeeded, in order of completion), metrics hash.
+--       succeeded, in order of completion).
 -- ARGV: recovery ('1' for compensation/onFailure steps), n records, then
 --       n x (step key, record JSON, output JSON or '' for none), m events, m event JSONs,
---       k compensable keys to append, k keys, j metric increments, j x (field, amount),
---       final status ('' when the run goes on), retention seconds, run duration bucket
---       bounds, then run field/value pairs.
+--       k compensable keys to append, k keys,
+--       final status ('' when the run goes on), retention seconds, then run field/value pairs.
 -- Returns 'ok', 'dup' (first step had already ended: nothing written),
 -- 'inactive' (records written, but the run had ended or is recovering: do not continue),
 -- 'missing'.
@@ -46,7 +45,6 @@ for _ = 1, k do
   redis.call('RPUSH', KEYS[3], ARGV[i])
   i = i + 1
 end
-i = metrics_add(KEYS[4], i)
 local active = status == 'running' or status == 'pending' or status == 'waiting'
 if not active then
   return 'inactive'
@@ -57,11 +55,10 @@ end
 local final = ARGV[i]
 if final ~= '' then
   local ttl = tonumber(ARGV[i + 1])
-  redis.call('HSET', run, 'status', final, unpack(ARGV, i + 3))
+  redis.call('HSET', run, 'status', final, unpack(ARGV, i + 2))
   redis.call('HDEL', run, 'phase')
   redis.call('EXPIRE', run, ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
-  metrics_run_ended(KEYS[4], run, final, ARGV[i + 2])
 end
 return 'ok'

@@ -188,6 +188,9 @@ def test_compose_services_run_a_flow_as_plain_processes(
         flower = f"http://127.0.0.1:{flower_port}/workers"
         assert _request(flower)[0] == 401
         assert _request(flower, headers={"Authorization": f"Basic {auth}"})[0] == 200
+    except AssertionError as exc:
+        logs = "\n".join(f"--- {n} log tail:\n{p.log_tail(30)}" for n, p in procs.items())
+        raise AssertionError(f"{exc}\n{logs}") from exc
     finally:
         for proc in procs.values():  # SIGTERM to all at once, then wait for each
             if proc.running:

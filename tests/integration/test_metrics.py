@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import RunFailed
 from orchestrator.api import create_api
-from orchestrator.counters import RUN_BUCKETS
+from orchestrator.client import Client
+from orchestrator.counters import RUN_BUCKETS, run_counts, step_counts
 from orchestrator.metrics import OrchestratorCollector, metrics_registry
 from tests.integration.flows import deploy, waiting
 from tests.support import REPO_ROOT
@@ -189,12 +193,10 @@ def test_queue_depth_counts_every_priority_and_the_key_prefix(api, client, setti
     assert value(samples, "orchestrator_runs_pending", flow=urgent) == 1
 
     # Under a Celery key prefix the same queue is another Redis list.
-    from orchestrator.client import Client
-
     prefixed = Client(settings.model_copy(update={"celery_key_prefix": "cp:"}))
     try:
-        prefixed.trigger(plain)
-        samples = parse(metrics_registry_text(prefixed))
+        runs.append(prefixed.trigger(plain).id)
+        samples = parse(generate_latest(metrics_registry(prefixed)).decode())
         assert value(samples, "orchestrator_queue_depth", queue=queue) == 1
     finally:
         prefixed.close()
@@ -209,15 +211,62 @@ def test_queue_depth_counts_every_priority_and_the_key_prefix(api, client, setti
         client.cancel(run_id)
 
 
-def metrics_registry_text(client) -> str:
-    from prometheus_client import generate_latest
-
-    return generate_latest(metrics_registry(client)).decode()
-
-
 def test_every_deployed_flow_appears_at_zero(api, client):
     fresh = deploy(client, FAILING)
     samples = scrape(api)
     assert ("orchestrator_runs_started_total", (("flow", fresh),)) in samples
     assert value(samples, "orchestrator_runs_started_total", flow=fresh) == 0
     assert value(samples, "orchestrator_run_duration_seconds_count", flow=fresh) == 0
+
+
+def test_openmetrics_when_the_scraper_asks_for_it(api):
+    accept = "application/openmetrics-text; version=1.0.0, text/plain; version=0.0.4; q=0.5"
+    resp = api.get("/metrics", headers={"Accept": accept})
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/openmetrics-text")
+    assert resp.text.endswith("# EOF\n")
+    assert 'orchestrator_runs_started_total{flow="etl"}' in resp.text
+
+
+def test_a_change_the_script_refuses_takes_its_counts_back(client):
+    """Counts ride in the script's pipeline; a change the script does not make is not
+    counted: a run created twice, a step ended twice, a run that had ended already."""
+    store, flow, rid = client.store, f"f-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    now = time.time()
+    run = {"id": rid, "flow": flow, "version": "v1", "status": "pending", "created_at": now}
+    created = {"ts": now, "type": "run.created", "step": ""}
+    assert store.create_run(run, created) and not store.create_run(run, created)
+
+    rec = {"status": "succeeded", "attempts": 1, "started_at": now, "finished_at": now + 0.3}
+    counts = step_counts(flow, 0.3)
+    assert store.complete_step(rid, [("a", rec, 1)], [], counts=counts) == "ok"
+    assert store.complete_step(rid, [("a", rec, 1)], [], counts=counts) == "dup"
+
+    end = {"ts": now, "type": "run.cancelled", "step": ""}
+    store.move_run(rid, ("pending", "running"), "cancelled", end, {"finished_at": now + 2})
+    with pytest.raises(redis.ResponseError):
+        store.move_run(rid, ("pending", "running"), "cancelled", end, {"finished_at": now + 3})
+    # A step that ends after the cancel is recorded, but it does not end the run.
+    final = {"status": "succeeded", "finished_at": now + 4}
+    res = store.complete_step(
+        rid,
+        [("b", rec, 2)],
+        [],
+        final,
+        counts=counts,
+        final_counts=run_counts(flow, "succeeded", now, now + 4),
+    )
+    assert res == "inactive"
+
+    raw = store.r.hgetall(store.metrics_key())
+    mine = {k: float(v) for k, v in raw.items() if k.split("|")[1:2] == [flow]}
+    assert mine == {
+        f"started|{flow}": 1,
+        f"step|{flow}|0.5": 2,  # a and b, 0.3 s each
+        f"step_sum|{flow}": pytest.approx(0.6),
+        f"finished|{flow}|cancelled": 1,
+        f"run|{flow}|2.5": 1,  # 2 s from creation to the cancel
+        f"run_sum|{flow}": pytest.approx(2.0),
+        f"finished|{flow}|succeeded": 0,
+        f"run|{flow}|5": 0,
+    }
