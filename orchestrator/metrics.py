@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -88,7 +88,17 @@ class OrchestratorCollector(Collector):
             if not ids:
                 break
             start += PAGE
-            found = self._count_runs(keys=[store.run_key(rid) for rid in ids])
+            keys = [store.run_key(rid) for rid in ids]
+            if store.settings.redis_cluster:  # a script may not read keys of many slots
+                pipe = store.r.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hmget(key, ["flow", "status"])
+                found = []
+                for n, (f, st) in Counter(tuple(v) for v in pipe.execute()).items():
+                    if f and st:
+                        found += [f"{f}|{st}", n]
+            else:
+                found = self._count_runs(keys=keys)
             for key, n in zip(found[::2], found[1::2], strict=True):
                 flow, _, status = key.rpartition("|")
                 if status in ACTIVE:  # a run that ended since the index was read: skip

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.cluster import RedisCluster
 from redis.sentinel import Sentinel
 
 from .settings import Settings
@@ -127,12 +128,17 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]
 
 
 def redis_client(url: str, settings: Settings, **kwargs: Any) -> redis.Redis:
-    """A redis-py client for ``url``: ``Redis.from_url``, or the master the sentinels name.
+    """A redis-py client for ``url``: ``Redis.from_url``, the master the sentinels name,
+    or a ``RedisCluster`` for ``redis+cluster://`` (the state store only).
 
     ``kwargs`` go to the client (``decode_responses``, timeouts, ``retry``...). With
     Sentinel the client is a ``master_for`` client: every new connection asks the sentinels
     where the master is, and a connection that finds the old master demoted reconnects.
     """
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        # A Cluster: the seed node's URL, with the scheme redis-py knows.
+        seed = url.replace("+cluster", "", 1)
+        return RedisCluster.from_url(seed, **kwargs)  # type: ignore[return-value]
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **kwargs)
     hosts, master = parse_sentinel_url(url)

@@ -12,6 +12,11 @@ from functools import lru_cache
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: ``ORCHESTRATOR_REDIS_URL=redis+cluster://host:port`` makes the state store a Redis
+#: Cluster client (any node as the seed); ``rediss+cluster://`` for TLS.
+CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_SCHEME_TLS = "rediss+cluster"
+
 
 class Settings(BaseSettings):
     """Process configuration; every field maps to ``ORCHESTRATOR_<FIELD>``."""
@@ -86,11 +91,26 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
+        if self.redis_cluster:
+            # Celery's Redis transport and result backend cannot use a Cluster.
+            missing = [n for n in ("broker_url", "result_backend") if not getattr(self, n)]
+            if missing:
+                raise ValueError(
+                    f"redis_url is a Redis Cluster ({CLUSTER_SCHEME}://...): set "
+                    f"ORCHESTRATOR_{missing[0].upper()} to a plain Redis (or amqp:// for "
+                    "the broker); Celery cannot use a Cluster"
+                )
+            return self
         if not self.broker_url:
             self.broker_url = self.redis_url
         if not self.result_backend:
             self.result_backend = self.redis_url
         return self
+
+    @property
+    def redis_cluster(self) -> bool:
+        """Whether the state store is a Redis Cluster (``redis+cluster://host:port``)."""
+        return self.redis_url.startswith((f"{CLUSTER_SCHEME}://", f"{CLUSTER_SCHEME_TLS}://"))
 
     @model_validator(mode="after")
     def _check_recovery(self) -> Settings:

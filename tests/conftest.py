@@ -118,6 +118,18 @@ def rabbit_vhosts() -> Iterator[RabbitVhosts]:
         vhosts.cleanup()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A private three-node Redis Cluster (started on first use, for the whole session)."""
+    from tests.cluster import RedisCluster
+
+    cluster = RedisCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="module")
 def orch_env(redis_server: RedisServer, request: pytest.FixtureRequest) -> dict[str, str]:
     """``ORCHESTRATOR_*`` variables for this test module: own key prefix and queue.

@@ -13,9 +13,21 @@ from orchestrator.store import NO_OUTPUT, RedisStore
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def store(redis_server):
-    s = RedisStore(Settings(redis_url=redis_server.url, key_prefix=f"s{uuid.uuid4().hex[:6]}:"))
+@pytest.fixture(params=["redis", "cluster"])
+def store(request, redis_server):
+    """The same conformance tests against one redis-server and a three-node Cluster."""
+    prefix = f"s{uuid.uuid4().hex[:6]}:"
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        settings = Settings(
+            redis_url=cluster.url.replace("redis://", "redis+cluster://"),
+            broker_url=redis_server.url,
+            result_backend=redis_server.url,
+            key_prefix=prefix,
+        )
+    else:
+        settings = Settings(redis_url=redis_server.url, key_prefix=prefix)
+    s = RedisStore(settings)
     yield s
     s.close()
 
