@@ -1181,10 +1181,9 @@ def demo(env: _Env, flows_dir: str, keep: bool) -> None:
 )
 @click.option(
     "--stop-timeout",
-    default=30.0,
-    show_default=True,
     type=click.FloatRange(0),
-    help="Seconds each process has to stop after Ctrl-C before it is killed.",
+    help="Seconds each process has to stop after Ctrl-C before it is killed "
+    "(default: ORCHESTRATOR_SHUTDOWN_TIMEOUT_S + 5, at least 30).",
 )
 @click.pass_obj
 def dev(
@@ -1198,7 +1197,7 @@ def dev(
     task_modules: str | None,
     deploy_paths: tuple[str, ...],
     data_dir: str,
-    stop_timeout: float,
+    stop_timeout: float | None,
 ) -> None:
     """Run the whole stack on this machine: Redis, a worker per pool, beat, the API with
     its dashboard, and Flower. Ctrl-C stops all of it.
@@ -1222,13 +1221,12 @@ def dev(
         api_port=api_port,
         flower_port=flower_port,
         flower=not no_flower,
-        flower_command=(
-            [sys.executable, "-m", "orchestrator", "flower"] if "flower" in cli.commands else None
-        ),
         data_dir=data_dir,
         task_modules=task_modules or settings.task_modules or "workers.examples",
         deploy=deploy_paths,
-        stop_timeout=stop_timeout,
+        stop_timeout=(
+            stop_timeout if stop_timeout is not None else max(30.0, settings.shutdown_timeout_s + 5)
+        ),
     )
     sys.exit(stack.run())
 

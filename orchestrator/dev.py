@@ -7,7 +7,7 @@ It starts, as child processes, the same commands a production deployment runs:
 * one ``orchestrator worker --pool NAME`` per pool of the pools file;
 * ``orchestrator beat``;
 * ``orchestrator api`` in loopback dev mode (no token), with the dashboard at ``/ui``;
-* Flower with basic auth, whose generated password is printed once, on the terminal.
+* ``orchestrator flower`` with basic auth, its generated password printed once, on the terminal.
 
 Each child runs in a session of its own, so Ctrl-C in the terminal reaches only this
 process, which then stops the children in order: API, Flower and beat first, then the
@@ -132,7 +132,6 @@ class DevStack:
         api_port: int = 8000,
         flower_port: int = 5555,
         flower: bool = True,
-        flower_command: list[str] | None = None,
         data_dir: str | os.PathLike[str] = ".orchestrator-dev",
         task_modules: str = "workers.examples",
         deploy: Iterable[str] = (),
@@ -148,7 +147,6 @@ class DevStack:
         self.api_port = api_port
         self.flower_port = flower_port
         self.flower = flower
-        self.flower_command = flower_command
         self.data_dir = Path(data_dir).resolve()
         self.task_modules = task_modules
         self.deploy_paths = list(deploy)
@@ -255,6 +253,8 @@ class DevStack:
         if port == 0:
             raise DevError(f"{option} needs a fixed port, not 0")
         with socket.socket() as sock:
+            # As the servers bind: only a listening socket, not TIME_WAIT, makes it busy.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError as exc:
@@ -311,18 +311,14 @@ class DevStack:
         return env
 
     def _flower_child(self, env: dict[str, str], logs: Path) -> Child:
+        # The credentials go through the environment, never on a command line (ps shows it).
         credentials = f"{FLOWER_USER}:{self.flower_password}"
-        if self.flower_command is not None:  # `orchestrator flower`
-            argv = [*self.flower_command, "--address", "127.0.0.1", "--port", str(self.flower_port)]
-            flower_env = {**env, "ORCHESTRATOR_FLOWER_BASIC_AUTH": credentials}
-        else:
-            argv = [sys.executable, "-m", "celery", "-A", "orchestrator.worker", "flower",
-                    "--address=127.0.0.1", f"--port={self.flower_port}"]  # fmt: skip
-            flower_env = {**env, "FLOWER_BASIC_AUTH": credentials}  # not on the command line
+        argv = [sys.executable, "-m", "orchestrator", "flower",
+                "--address", "127.0.0.1", "--port", str(self.flower_port)]  # fmt: skip
         return Child(
             "flower",
             argv,
-            flower_env,
+            {**env, "ORCHESTRATOR_FLOWER_BASIC_AUTH": credentials},
             logs / "flower.log",
             _http_ok(f"http://127.0.0.1:{self.flower_port}/healthcheck"),
         )

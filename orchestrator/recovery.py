@@ -31,7 +31,7 @@ so) and then past its last heartbeat. A message delivered again while its step i
 (the worker's broker connection dropped and Celery gave its messages back; a second copy
 of a message whose holder died) finds it so: ``begin_step.lua`` answers ``held`` and the
 delivery comes back after a heartbeat instead of running the step twice at once. When a
-pool process dies mid-step, :class:`StepRequest` marks its lease lapsed before Celery
+pool process dies mid-step, :class:`TaskRequest` marks its lease lapsed before Celery
 gives the message back, so that redelivery runs at once.
 
 Shutdown: SIGTERM is Celery's warm shutdown (running steps finish, nothing new starts).
@@ -57,6 +57,7 @@ from celery import signals
 from celery.contrib.testing.worker import test_worker_started, test_worker_stopped
 from celery.worker import state
 from celery.worker.request import Request
+from kombu.transport import redis as kombu_redis
 
 from .compiler import STEP_TASK, node_key
 from .settings import Settings
@@ -86,24 +87,48 @@ class Heartbeat:
         self._release = self._store.r.register_script(_script("release_lease"))
         self._conn: Any = None
         self._channel: Any = None
+        #: The broker was unreachable at the last heartbeat; no sweep before _sweep_from.
+        self._outage = False
+        self._sweep_from = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        # kombu gives a channel's unacknowledged messages back when the channel closes,
+        # which on a lost connection includes the messages of steps still running (a
+        # second delivery while they run) and, with Celery 5.7, can crash the worker
+        # ('NoneType' object has no attribute 'hostname' in _connparams). A node that
+        # heartbeats needs neither: the sweep takes back what it stops holding, and
+        # stop() gives back the rest at once.
+        kombu_redis.QoS.restore_at_shutdown = False
         self._thread = threading.Thread(
             target=self._loop, name="orchestrator-heartbeat", daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
-        """The pool has drained: stop beating, and drop the leases of steps that ended."""
+        """The pool has drained: give back what the node still holds, stop beating."""
         self._stopping.set()
         thread = self._thread
         if thread is not None:
             thread.join(timeout=10)
             if not thread.is_alive():
-                self.beat()
+                self._give_back()
+                self.beat()  # drops the leases of the steps that ended
         self._close()
+
+    def _give_back(self) -> None:
+        """Put the messages this node holds unacknowledged back in their queues now."""
+        try:
+            channel = self._broker()
+            if channel is None:
+                return
+            tags = self._held_tags(())
+            with channel.conn_or_acquire() as client:
+                for tag in tags:  # acknowledged ones are no longer in the hash: no-op
+                    channel.qos.restore_by_tag(tag, client=client)
+        except Exception as exc:  # noqa: BLE001 - then other workers' sweeps take them back
+            log.warning("could not give back this node's messages (%s); the sweep will", exc)
 
     def limit_shutdown(self) -> None:
         """A warm shutdown began: stop the steps still running after ``shutdown_timeout_s``."""
@@ -147,6 +172,7 @@ class Heartbeat:
         except Exception as exc:  # noqa: BLE001 - the thread must outlive any outage
             log.warning("heartbeat: broker unreachable (%s); retrying", exc)
             self._close_broker()
+            self._outage = True
         try:
             self._beat_leases(requests)
         except Exception as exc:  # noqa: BLE001 - the thread must outlive any outage
@@ -188,7 +214,12 @@ class Heartbeat:
             tags = self._held_tags(requests)
             if tags:  # XX: never resurrect a message acknowledged meanwhile
                 client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now), xx=True)
-            self.sweep(channel, client, now)
+            if self._outage:
+                # Nobody could heartbeat during the outage: give every node a lease's
+                # time to heartbeat again before taking its messages for abandoned.
+                self._outage, self._sweep_from = False, now + self.settings.lease_s
+            if now >= self._sweep_from:
+                self.sweep(channel, client, now)
 
     def sweep(self, channel: Any, client: Any, now: float) -> int:
         """Put back in their queues the messages nobody heartbeated for ``lease_s``."""
@@ -277,13 +308,25 @@ def _execution(request: Any) -> tuple[str, str, str, str] | None:
         return None
 
 
-class StepRequest(Request):
-    """The step task's request in a worker's main process (``Task.Request``).
+class TaskRequest(Request):
+    """The request of an orchestrator task (a step, the tick) in a worker's main process.
 
-    When the pool process running a step dies (SIGKILL, out of memory) Celery gives its
-    message back at once (``task_reject_on_worker_lost``); marking the lease lapsed first
-    lets that delivery run the step now rather than wait for the lease to run out.
+    Set as ``Task.Request``. Two things differ from Celery's:
+
+    * when the pool process running a step dies (SIGKILL, out of memory), Celery gives
+      its message back at once (``task_reject_on_worker_lost``); marking the step's lease
+      lapsed first lets that delivery run the step now, not when the lease runs out;
+    * a task that was running when the broker connection dropped is acknowledged, once
+      it ends, on the closed channel it came from. kombu 5.7 then fails with
+      ``AttributeError`` (the closed channel has no connection), which Celery treats as
+      fatal and the worker exits. Treated as a lost connection instead, it is logged and
+      the message stays unacknowledged: the sweep gives it back, and the redelivery finds
+      the step ended and only continues the run.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._connection_errors = (*self._connection_errors, AttributeError)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False

@@ -133,7 +133,7 @@ def drop_engine(app: Celery) -> None:
 # max_retries=None: attempts are counted by the orchestrator (retry policies, deferrals);
 # Celery's default of 3 would end a step's fifth try, or its fourth deferral, in an error.
 @shared_task(
-    name=STEP_TASK, bind=True, max_retries=None, Request="orchestrator.recovery:StepRequest"
+    name=STEP_TASK, bind=True, max_retries=None, Request="orchestrator.recovery:TaskRequest"
 )
 def step_task(
     self: Task,

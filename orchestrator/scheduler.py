@@ -110,7 +110,9 @@ class Scheduler(_BeatScheduler):
         return interval
 
 
-@shared_task(name=TICK_TASK, bind=True, ignore_result=True)
+@shared_task(
+    name=TICK_TASK, bind=True, ignore_result=True, Request="orchestrator.recovery:TaskRequest"
+)
 def tick(self: Task) -> dict[str, int]:
     """Wake due timers and fire due schedules (see the module docstring)."""
     from .runtime import engine_for, wake_step

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -174,3 +175,14 @@ class SentinelServer:
                 proc.kill()
                 proc.wait(timeout=5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def queue_depth(app: Any, queue: str) -> int:
+    """Messages waiting in ``queue`` (not taken by a worker), asked of whichever broker
+    ``app`` uses; 0 for a queue never declared."""
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        try:
+            return channel.queue_declare(queue=queue, passive=True).message_count
+        except conn.channel_errors:
+            return 0

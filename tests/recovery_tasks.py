@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from functools import lru_cache
+from typing import TypeVar
 
 import redis
 from celery import shared_task
@@ -21,10 +23,24 @@ from orchestrator.settings import get_settings
 #: How often ``rec.hold`` looks at its release key (a bounded poll).
 POLL_S = 0.05
 
+T = TypeVar("T")
+
 
 @lru_cache(maxsize=1)
 def _redis() -> redis.Redis:
     return redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
+
+
+def _persist(fn: Callable[[], T], limit: float = 30.0) -> T:
+    """``fn()``, tried again while Redis is unreachable (restarting): the ledger loses nothing."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_S)
 
 
 def _alive(pid: int) -> bool:
@@ -46,20 +62,25 @@ def _begin(ns: str) -> str:
     step = ctx.idempotency_key if ctx else "none"
     key = f"{ns}:{step}"
     me = os.getpid()
-    pipe = _redis().pipeline(transaction=False)
-    pipe.rpush(f"{key}:starts", f"{time.time():.6f} {ctx.worker if ctx else me}")
-    pipe.set(f"{key}:runner", me, get=True)
-    pipe.sadd(f"{ns}:effects", step)
-    _, before, _ = pipe.execute()
+    started = f"{time.time():.6f} {ctx.worker if ctx else me}"
+
+    def record() -> list:
+        pipe = _redis().pipeline(transaction=False)
+        pipe.rpush(f"{key}:starts", started)
+        pipe.set(f"{key}:runner", me, get=True)
+        pipe.sadd(f"{ns}:effects", step)
+        return pipe.execute()
+
+    _, before, _ = _persist(record)
     if before and int(before) != me and _alive(int(before)):
-        _redis().incr(f"{key}:overlap")
+        _persist(lambda: _redis().incr(f"{key}:overlap"))
     return key
 
 
 def _end(key: str) -> None:
     r = _redis()
-    if r.get(f"{key}:runner") == str(os.getpid()):
-        r.delete(f"{key}:runner")
+    if _persist(lambda: r.get(f"{key}:runner")) == str(os.getpid()):
+        _persist(lambda: r.delete(f"{key}:runner"))
 
 
 @shared_task(name="rec.effect")
@@ -80,7 +101,7 @@ def hold(ns: str, release: str, limit: float = 60.0) -> str:
     key = _begin(ns)
     try:
         deadline = time.monotonic() + limit
-        while not _redis().exists(release):
+        while not _persist(lambda: _redis().exists(release)):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{release!r} was not set within {limit}s")
             time.sleep(POLL_S)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator import RunFailed
+from tests.brokers import queue_depth
 from tests.integration.flows import deploy, key
 from tests.support import wait_for
 
@@ -366,7 +367,8 @@ spec:
     before = int(r.get(started))
     # Give the workers a chance to start anything that slipped through: poll the queue
     # until it is empty rather than sleeping.
-    wait_for(lambda: client.store.r.llen(client.settings.default_queue) == 0, timeout=20)
+    queue = client.settings.default_queue
+    wait_for(lambda: queue_depth(client.app, queue) == 0, timeout=20)
     assert int(r.get(started)) == before <= 3
     assert client.get(run.id).status == "cancelled"
 

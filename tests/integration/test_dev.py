@@ -109,15 +109,15 @@ class Dev:
 
 @pytest.fixture
 def dev_runner(tmp_path: Path):
-    made: list[tuple[Dev, dict[int, str]]] = []
+    """Start ``orchestrator dev`` with arguments; whatever is left is killed at the end."""
+    made: list[Dev] = []
 
     def start(*args: str) -> Dev:
-        dev = Dev(tmp_path, *args)
-        made.append((dev, {}))
-        return dev
+        made.append(Dev(tmp_path, *args))
+        return made[-1]
 
     yield start
-    for dev, _ in made:  # a failed test still leaves nothing running
+    for dev in made:  # a failed test still leaves nothing running
         below = _descendants(dev.proc.pid)
         dev.stop()
         for pid in below:
