@@ -27,9 +27,17 @@ browser:
 			apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
 	else echo "chromium or chromedriver missing and not root: the dashboard browser test will skip" >&2; fi
 
+# Integration tests run a second time with RabbitMQ as the broker (a vhost per module, made
+# with rabbitmqctl; state and results stay in Redis). Without RabbitMQ they skip, or fail
+# when CI is set.
+AMQP_TESTS := $(addprefix tests/integration/,test_engine.py test_control_flow.py \
+	test_examples.py test_waits.py test_brokers.py \
+	test_recovery.py::test_a_sigkilled_worker_nodes_step_runs_again_elsewhere_within_the_lease)
+
 # pytest exits 5 when it collects no tests; make fails on it like any non-zero status.
 test: venv lint browser
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15 tests
+	$(BIN)/pytest -q -p no:cacheprovider --broker amqp $(AMQP_TESTS)
 
 demo: venv
 	$(BIN)/orchestrator demo

@@ -87,6 +87,8 @@ class Heartbeat:
         self._release = self._store.r.register_script(_script("release_lease"))
         self._conn: Any = None
         self._channel: Any = None
+        #: What the consumer's channel holds unacknowledged, tag -> message (kombu's QoS).
+        self._delivered: Any = None
         #: The broker was unreachable at the last heartbeat; no sweep before _sweep_from.
         self._outage = False
         self._sweep_from = 0.0
@@ -123,10 +125,13 @@ class Heartbeat:
             channel = self._broker()
             if channel is None:
                 return
-            tags = self._held_tags(())
             with channel.conn_or_acquire() as client:
-                for tag in tags:  # acknowledged ones are no longer in the hash: no-op
+                # Acknowledged ones (kombu forgets them lazily) are no longer in the hash.
+                tags = [t for t in self._held_tags(()) if client.hexists(channel.unacked_key, t)]
+                for tag in tags:
                     channel.qos.restore_by_tag(tag, client=client)
+            if tags:
+                log.warning("gave back the %d message(s) this node still held", len(tags))
         except Exception as exc:  # noqa: BLE001 - then other workers' sweeps take them back
             log.warning("could not give back this node's messages (%s); the sweep will", exc)
 
@@ -198,6 +203,10 @@ class Heartbeat:
         tags: set[str] = set()
         channel = getattr(getattr(self.consumer, "task_consumer", None), "channel", None)
         delivered = getattr(getattr(channel, "_qos", None), "_delivered", None)
+        if delivered is not None:
+            self._delivered = delivered
+        else:  # the consumer let go of its channel (shutting down): its last one's
+            delivered = self._delivered
         if delivered is not None:  # reserved, running and waiting-for-countdown messages
             tags.update(_snapshot(delivered))
         for req in requests:  # running ones received on an earlier connection

@@ -16,6 +16,13 @@ local r = cjson.decode(rec)
 if r['status'] ~= 'running' or r['task_id'] ~= ARGV[2] or r['worker'] ~= ARGV[3] then
   return 0
 end
+local held = redis.call('HGET', KEYS[1], 'l:' .. ARGV[1])
+if held then
+  local l = cjson.decode(held)
+  if l['u'] == 0 and l['t'] == ARGV[2] and l['w'] == ARGV[3] then
+    return 0  -- that process died (release_lease.lua): a late heartbeat must not revive it
+  end
+end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'l:' .. ARGV[1],
   cjson.encode({t = ARGV[2], w = ARGV[3], u = now[1] + now[2] / 1e6 + ARGV[4]}))

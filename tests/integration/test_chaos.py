@@ -181,8 +181,9 @@ def own_redis(tmp_path):
 
 
 def test_runs_survive_a_redis_restart_with_aof(
-    worker_factory, beat_factory, orch_env, own_redis
+    own_redis, worker_factory, beat_factory, orch_env
 ) -> None:
+    # own_redis first: set up before the workers and beat, so stopped after them.
     queue = f"chaos-{uuid.uuid4().hex[:8]}"
     env = worker_env(
         orch_env,
