@@ -36,7 +36,8 @@ gives the message back, so that redelivery runs at once.
 
 Shutdown: SIGTERM is Celery's warm shutdown (running steps finish, nothing new starts).
 After ``shutdown_timeout_s`` the node sends itself SIGQUIT, Celery's cold shutdown: the
-steps still running are stopped and their unacknowledged messages go back to the queue.
+steps still running are stopped. Once the pool is done, the node puts every message it
+still holds unacknowledged back in its queue, so they run elsewhere at once.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from celery.contrib.testing.worker import test_worker_started, test_worker_stopp
 from celery.worker import state
 from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
+from redis.exceptions import NoScriptError
 
 from .compiler import STEP_TASK, node_key
 from .settings import Settings
@@ -156,8 +158,8 @@ class Heartbeat:
             running,
             limit,
         )
-        # Celery's cold shutdown: cancel the running tasks without acknowledging them,
-        # so closing the channel gives their messages back (kombu restore_unacked).
+        # Celery's cold shutdown: it cancels the running tasks without acknowledging
+        # them; stop() gives their messages back (kombu does it without heartbeats).
         os.kill(os.getpid(), signal.SIGQUIT)
 
     def _loop(self) -> None:
@@ -259,21 +261,37 @@ class Heartbeat:
         ended = self._leased.difference(running)
         if not running and not ended:
             return
-        store = self._store
-        pipe = store.r.pipeline(transaction=False)
-        for run_id, key, task_id, worker in running:
-            self._renew(
-                keys=[store.run_key(run_id)],
-                args=[key, task_id, worker, self.settings.lease_s],
-                client=pipe,
-            )
-        for run_id, key, task_id, worker in ended:
-            self._release(keys=[store.run_key(run_id)], args=[key, task_id, worker], client=pipe)
-        renewed = pipe.execute()[: len(running)]
+        run_key = self._store.run_key
+        calls = [
+            (self._renew, [run_key(run_id)], [key, task_id, worker, self.settings.lease_s])
+            for run_id, key, task_id, worker in running
+        ]
+        calls += [
+            (self._release, [run_key(run_id)], [key, task_id, worker])
+            for run_id, key, task_id, worker in ended
+        ]
+        renewed = self._scripts(calls)[: len(running)]
         # Keep what we leased until its request ends (then let go of it, above).
         self._leased = {
             ex for ex, ok in zip(running, renewed, strict=True) if ok or ex in self._leased
         }
+
+    def _scripts(self, calls: list[tuple[Any, list[str], list[Any]]]) -> list[Any]:
+        """Lua scripts on any runs' keys in one pipeline (one round trip, Cluster or not);
+        a script Redis does not have (restarted without AOF) is loaded and run again."""
+        r = self._store.r
+        pipe = r.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        res = pipe.execute(raise_on_error=False)
+        for i, out in enumerate(res):
+            if isinstance(out, NoScriptError):
+                script, keys, args = calls[i]
+                r.script_load(script.script)
+                res[i] = r.evalsha(script.sha, len(keys), *keys, *args)
+            elif isinstance(out, Exception):
+                raise out
+        return res
 
     def release_now(self, request: Any) -> None:
         """The pool process running ``request`` died: its step's lease lapses now."""
@@ -282,7 +300,7 @@ class Heartbeat:
             return
         run_id, key, task_id, worker = ex
         try:
-            self._release(keys=[self._store.run_key(run_id)], args=[key, task_id, worker])
+            self._scripts([(self._release, [self._store.run_key(run_id)], [key, task_id, worker])])
         except Exception as exc:  # noqa: BLE001 - then the lease just runs out
             log.warning("could not release the lease of %s in run %s: %s", key, run_id, exc)
 

@@ -8,7 +8,8 @@ braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
                                    error created_at started_at finished_at parent ...``),
                                    each step instance's record ``s:<key>`` (JSON: status,
                                    attempts, started_at, finished_at, worker, task_id, input,
-                                   error) and output ``o:<key>`` (JSON)
+                                   error) and output ``o:<key>`` (JSON), and the lease
+                                   ``l:<key>`` of a running step (``recovery.py``)
 ``P{R}:events``                    stream: the run's audit trail, one JSON field ``e`` each
 ``P{R}:fanin:<key>``               set: arrivals at one fan-in (deleted when it fires)
 ``P{R}:comp``                      list: keys of succeeded steps that have ``compensate``,

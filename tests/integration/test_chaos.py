@@ -15,7 +15,9 @@ import time
 import uuid
 
 import pytest
+from fastapi.testclient import TestClient
 
+from orchestrator.api import create_api
 from orchestrator.client import Client
 from orchestrator.settings import Settings
 from tests.integration.flows import deploy, key
@@ -192,8 +194,11 @@ def test_runs_survive_a_redis_restart_with_aof(
         ORCHESTRATOR_KEY_PREFIX="chaos:",
         ORCHESTRATOR_TICK_S="0.2",
     )
-    settings = Settings(redis_url=own_redis.url, key_prefix="chaos:", default_queue=queue)
+    settings = Settings(
+        redis_url=own_redis.url, key_prefix="chaos:", default_queue=queue, api_tokens="t0k3n"
+    )
     client = Client(settings)
+    api = TestClient(create_api(settings, client), headers={"Authorization": "Bearer t0k3n"})
     r = own_redis.client(decode_responses=True)
     try:
         # A sleep between the steps: its timer needs beat's tick after the restart.
@@ -221,10 +226,14 @@ def test_runs_survive_a_redis_restart_with_aof(
         outage = time.monotonic() - down_at
         own_redis.start(appendonly=True)  # same port and data directory
         up_at = time.monotonic()
+        # The API (and this client) reconnect by themselves: one more run through it.
+        resp = api.post(f"/v1/flows/{name}/runs", json={"inputs": {"ns": ns}})
+        assert resp.status_code == 201, resp.text
+        run_ids.append(resp.json()["id"])
         wait_for(
             lambda: (
-                len(set(client.store.run_ids(status="succeeded", limit=REDIS_RUNS + 1)))
-                == REDIS_RUNS
+                len(set(client.store.run_ids(status="succeeded", limit=len(run_ids) + 1)))
+                == len(run_ids)
             ),
             timeout=DEADLINE_S - 30,
             interval=0.2,
@@ -239,6 +248,7 @@ def test_runs_survive_a_redis_restart_with_aof(
         )
         for p in (*nodes, beat):
             assert p.running, f"{p.name} did not survive the restart"
+        assert api.get(f"/v1/runs/{run_ids[-1]}").json()["status"] == "succeeded"
     finally:
         client.close()
         r.close()

@@ -16,6 +16,8 @@ import uuid
 import pytest
 
 from orchestrator.compiler import CanvasBuilder
+from orchestrator.runtime import new_run_id
+from orchestrator.store import _script
 from tests.integration.flows import deploy, key, waiting
 from tests.support import wait_for
 
@@ -76,6 +78,42 @@ class Traces:
         return int(self.r.get(f"{self.ns}:{self.run_id}:{step}:overlap") or 0)
 
 
+def test_a_redelivery_runs_only_when_the_execution_it_started_is_gone(client) -> None:
+    """The verdicts of begin_step.lua for a step recorded running, lease by lease."""
+    store = client.store
+    renew = store.r.register_script(_script("renew_lease"))
+    release = store.r.register_script(_script("release_lease"))
+    run_id, worker = new_run_id(), "node@host:4242"
+    now = time.time()
+    store.create_run(
+        {"id": run_id, "flow": "f", "version": "v", "status": "running", "created_at": now},
+        {"ts": now, "type": "run.created", "step": ""},
+    )
+    keys = [store.run_key(run_id)]
+
+    def begin(task_id: str = "T1", lease: float | None = 30.0, started: float = now) -> str:
+        rec = {"status": "running", "task_id": "T1", "worker": worker, "started_at": started}
+        if lease is not None:
+            rec["lease"] = lease
+        store.set_fields(run_id, {"s:s": rec})  # as the first delivery recorded it
+        return store.begin_step(run_id, "s", task_id, False, None, None, [])[0]
+
+    assert begin(lease=None) == "run"  # a worker without heartbeats: as before
+    assert begin() == "held"  # started just now: its record's lease (30 s) is live
+    assert begin(started=now - 60) == "run"  # a minute on without a heartbeat: gone
+    assert begin("T2") == "busy"  # another message for the same step: dropped
+    assert renew(keys=keys, args=["s", "T1", worker, 30]) == 1
+    assert begin(started=now - 60) == "held"  # heartbeated: alive whatever its age
+    assert renew(keys=keys, args=["s", "T1", "node@host:1", 30]) == 0  # not that process's
+    assert release(keys=keys, args=["s", "T1", worker]) == 1  # its process died
+    assert begin() == "run"  # the lease lapsed at once, before the record's own
+    assert renew(keys=keys, args=["s", "T1", worker, 30]) == 0  # a late heartbeat: still dead
+    assert begin() == "run"
+    store.set_fields(run_id, {"s:s": {"status": "succeeded", "task_id": "T1"}})
+    assert release(keys=keys, args=["s", "T1", worker]) == 1  # ended: the lease is dropped
+    assert "l:s" not in store.run_hash(run_id)
+
+
 HOLD_THEN_EFFECT = """
 apiVersion: orchestrator/v1
 kind: Flow
@@ -130,9 +168,9 @@ def test_a_sigkilled_worker_nodes_step_runs_again_elsewhere_within_the_lease(
 def test_a_step_outliving_the_visibility_timeout_runs_once(
     client, worker_factory, env, queue, r
 ) -> None:
-    # The broker would deliver the message again after 4 s and every worker sweeps
-    # messages nobody heartbeated for 2 s; the step runs 10 s next to idle workers.
-    env = {**env, "ORCHESTRATOR_VISIBILITY_TIMEOUT_S": "4"}
+    # The broker would deliver the message again after 3 s and every worker sweeps
+    # messages nobody heartbeated for 2 s; the step runs 7 s next to idle workers.
+    env = {**env, "ORCHESTRATOR_VISIBILITY_TIMEOUT_S": "3"}
     for n in ("one", "two"):
         worker_factory(queues=[queue], env=env, concurrency=2, name=n)
     name = deploy(
@@ -145,13 +183,13 @@ spec:
   defaults: {{queue: {queue}}}
   inputs: {{ns: {{type: string}}}}
   steps:
-    - {{id: long, task: rec.work, with: {{ns: "${{inputs.ns}}", seconds: 10}}}}
+    - {{id: long, task: rec.work, with: {{ns: "${{inputs.ns}}", seconds: 7}}}}
   outputs: {{seconds: "${{steps.long.output}}"}}
 """,
     )
     ns = key()
     run = client.trigger(name, {"ns": ns})
-    assert run.wait(timeout=40) == {"seconds": 10}
+    assert run.wait(timeout=40) == {"seconds": 7}
     traces = Traces(r, ns, run.id)
     assert len(traces.starts("long")) == 1
     assert traces.overlap("long") == 0
@@ -239,7 +277,7 @@ def test_a_step_still_running_at_the_shutdown_limit_goes_back_to_the_queue(
 
 
 def test_a_waiting_run_is_not_disturbed_by_workers_and_beat_stopping(
-    client, worker_factory, beat_factory, env, orch_env, r
+    client, worker_factory, beat_factory, env, orch_env, r, record
 ) -> None:
     # The module's default queue (the client sends decisions' wake-ups there).
     queue = orch_env["ORCHESTRATOR_DEFAULT_QUEUE"]
@@ -264,10 +302,12 @@ spec:
     ns = key()
     run = client.trigger(name, {"ns": ns})
     waiting(client, run.id, "ok")
-    for p in (w, b):  # SIGTERM: a waiting run holds no worker slot, nothing to wait for
+    for p, what in ((w, "worker"), (b, "beat")):  # SIGTERM: a waiting run holds no slot
         began = time.monotonic()
         p.stop(timeout=10)
-        assert p.returncode == 0 and time.monotonic() - began < 8
+        took = time.monotonic() - began
+        record(f"{what}_stop_s", round(took, 2))
+        assert p.returncode == 0 and took < 8
     worker_factory(queues=[queue], env=env, name="second")
     beat_factory(env)
     client.approve(run.id, "ok", by="alice")  # then the new beat's tick ends the nap
