@@ -377,7 +377,7 @@ class Client:
             if name.startswith("c:"):
                 with contextlib.suppress(InvalidState, NotFound):
                     self.cancel(child)
-        run_ended(self.store, self.app, run_id)
+        run_ended(self.store, self.app, self.plan, run_id)
         return self.get(run_id)
 
     # -- waits: signals and approvals ---------------------------------------------------
@@ -432,7 +432,7 @@ class Client:
         flow, version = self.store.r.hmget(self.store.run_key(run_id), ["flow", "version"])
         step, _, rest = key.partition("[")
         path = [int(i) for i in rest.rstrip("]").split("][")] if rest else []
-        wake_step(self.app, run_id, flow, version, step, path)
+        wake_step(self.app, self.plan, run_id, flow, version, step, path)
 
     def retry(self, run_id: str) -> Run:
         """Restart a failed run from its failed step, reusing what had succeeded."""

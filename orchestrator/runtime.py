@@ -1207,7 +1207,7 @@ class Execution:
 
     def _notify_parent(self) -> None:
         """The run ended: wake its parent's subflow step and steps waiting on it."""
-        run_ended(self.store, self.task.app, self.run_id)
+        run_ended(self.store, self.task.app, self.eng.plan, self.run_id)
 
     def _publish(self, sigs: list) -> None:
         publish(self.task.app, sigs)
@@ -1232,16 +1232,35 @@ def publish(app: Celery, sigs: list) -> None:
 PUBLISH_BATCH = 500
 
 
-def run_ended(store: RedisStore, app: Celery, run_id: str) -> None:
+PlanFor = Callable[[str, str], Plan]
+
+
+def run_ended(store: RedisStore, app: Celery, plan_for: PlanFor, run_id: str) -> None:
     """Tell whoever waits on a run that it ended: its parent run, and watching steps."""
     parent, watchers = store.end_listeners(run_id)
     if parent:
-        notify_parent(app, parent, run_id)
+        notify_parent(app, plan_for, parent, run_id)
     for run, flow, version, step, path in watchers:
-        wake_step(app, run, flow, version, step, path)
+        wake_step(app, plan_for, run, flow, version, step, path)
 
 
-def wake_step(app: Celery, run: str, flow: str, version: str, step: str, path: list[int]) -> None:
+def _step_queue(plan_for: PlanFor, flow: str, version: str, step: str) -> str | None:
+    """The queue a step's messages go to (its own, not the sender's default)."""
+    try:
+        return plan_for(flow, version).nodes[step].options.get("queue")
+    except (KeyError, NotFound):
+        return None
+
+
+def wake_step(
+    app: Celery,
+    plan_for: PlanFor,
+    run: str,
+    flow: str,
+    version: str,
+    step: str,
+    path: list[int],
+) -> None:
     """Send a parked step the message that makes it look at its wait again."""
     sig = app.signature(
         STEP_TASK,
@@ -1251,10 +1270,13 @@ def wake_step(app: Celery, run: str, flow: str, version: str, step: str, path: l
         shadow=f"{flow}.{node_key(step, path)}",
         ignore_result=True,
     )
+    queue = _step_queue(plan_for, flow, version, step)
+    if queue:
+        sig.set(queue=queue)
     publish(app, [sig])
 
 
-def notify_parent(app: Celery, parent: dict[str, Any], child_id: str) -> None:
+def notify_parent(app: Celery, plan_for: PlanFor, parent: dict[str, Any], child_id: str) -> None:
     """Send the parent's subflow step the message that resumes it."""
     sig = app.signature(
         STEP_TASK,
@@ -1271,6 +1293,9 @@ def notify_parent(app: Celery, parent: dict[str, Any], child_id: str) -> None:
         shadow=f"{parent['flow']}.{node_key(parent['step'], parent['path'])}",
         ignore_result=True,
     )
+    queue = _step_queue(plan_for, parent["flow"], parent["version"], parent["step"])
+    if queue:
+        sig.set(queue=queue)
     publish(app, [sig])
 
 

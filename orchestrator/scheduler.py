@@ -121,7 +121,7 @@ def tick(self: Task) -> dict[str, int]:
     now = time.time()
     woken = 0
     for run, flow, version, step, path in eng.store.due_timers(now):
-        wake_step(self.app, run, flow, version, step, path)
+        wake_step(self.app, eng.plan, run, flow, version, step, path)
         woken += 1
     fired = fire_schedules(eng, now)
     return {"woken": woken, "fired": fired}
