@@ -143,8 +143,13 @@ class _Demo:
             stack.callback(client.close)
             api = self._start_api(settings, client, stack)
             self.console.print(
-                f"API: {api}/docs  dashboard: {api}/ui  (no token: loopback dev mode)",
+                f"API: {api}/docs  dashboard: {api}/ui  metrics: {api}/metrics  "
+                "(no token: loopback dev mode)",
                 markup=False,
+            )
+            flower, user, password = self._start_flower(settings, services, stack)
+            self.console.print(
+                f"Flower: {flower}  (user {user}, password {password})", markup=False
             )
             for d in client.deploy(self.flows_dir):
                 kind = "" if d.kind == "Flow" else f"{d.kind} "
@@ -183,7 +188,7 @@ class _Demo:
 
     def _serve_until_interrupted(self, api: str) -> None:
         self.console.print(
-            f"The stack stays up: dashboard {api}/ui, API {api}/docs. Ctrl-C stops it.",
+            f"The stack stays up: dashboard {api}/ui, API {api}/docs, and Flower. Ctrl-C stops it.",
             markup=False,
         )
         with contextlib.suppress(KeyboardInterrupt):
@@ -322,8 +327,47 @@ class _Demo:
         self, settings: Settings, services: dict[str, str], stack: contextlib.ExitStack
     ) -> list[_Worker]:
         cwd = Path.cwd()
-        # The workers get this environment with the demo's settings on top; nothing
-        # of ours is configured through it but what is set here.
+        env = self._env(settings, services)
+        workers = [_Worker(i, self.queue, env, cwd, self.tmp) for i in range(1, WORKERS + 1)]
+        for w in workers:
+            stack.callback(w.stop)
+            w.start()
+        for w in workers:
+            w.wait_ready(READY_TIMEOUT_S)
+        return workers
+
+    def _start_flower(
+        self, settings: Settings, services: dict[str, str], stack: contextlib.ExitStack
+    ) -> tuple[str, str, str]:
+        """Flower for the demo's workers, behind basic auth: (URL, user, password)."""
+        from .dev import FLOWER_USER, Child, _http_ok
+
+        port, password = _free_port(), secrets.token_urlsafe(12)
+        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "orchestrator", "flower",
+                "--address", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        env = {
+            **self._env(settings, services),
+            # Through the environment, never on a command line (ps shows those).
+            "ORCHESTRATOR_FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{password}",
+        }
+        flower = Child("flower", argv, env, self.tmp / "flower.log", _http_ok(f"{url}/healthcheck"))
+        flower.start(Path.cwd())
+        stack.callback(flower.kill)
+        stack.callback(flower.terminate)
+        _wait(
+            lambda: flower.ready() or flower.exited() is not None,
+            READY_TIMEOUT_S,
+            lambda: f"Flower did not start:\n{flower.tail()}",
+        )
+        if flower.exited() is not None:
+            raise DemoError(f"Flower exited {flower.exited()}:\n{flower.tail()}")
+        return url, FLOWER_USER, password
+
+    def _env(self, settings: Settings, services: dict[str, str]) -> dict[str, str]:
+        """The environment of the demo's processes: the demo's settings and services on top
+        of this one (nothing of ours is configured through it but what is set here)."""
+        cwd = Path.cwd()
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
         env.update(
             ORCHESTRATOR_REDIS_URL=settings.redis_url,
@@ -339,13 +383,7 @@ class _Demo:
             PYTHONUNBUFFERED="1",
             **services,
         )
-        workers = [_Worker(i, self.queue, env, cwd, self.tmp) for i in range(1, WORKERS + 1)]
-        for w in workers:
-            stack.callback(w.stop)
-            w.start()
-        for w in workers:
-            w.wait_ready(READY_TIMEOUT_S)
-        return workers
+        return env
 
     # -- results ------------------------------------------------------------------------
 
