@@ -67,8 +67,6 @@ class Settings(BaseSettings):
     native_chord_max: int = Field(default=64, ge=0)
     #: forEach publishes its children in pipelined batches of this size.
     dispatch_batch: int = Field(default=500, ge=1)
-    #: Outputs larger than this many bytes are stored once, outside the run hash.
-    large_output_bytes: int = Field(default=256 * 1024, ge=1024)
     default_queue: str = "default"
     #: How often Celery beat sends the tick that wakes due timers and fires schedules.
     tick_s: float = Field(default=1.0, gt=0)
