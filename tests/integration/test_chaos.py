@@ -145,20 +145,27 @@ def test_runs_survive_worker_nodes_sigkilled_every_few_seconds(
     began = time.monotonic()
     run_ids = [client.trigger(name, {"ns": ns}).id for _ in range(RUNS)]
     kills: list[tuple[float, str]] = []
-    deadline = began + DEADLINE_S
-    next_kill = time.monotonic() + KILL_EVERY_S
-    while True:
-        ended = client.store.run_ids(status="succeeded", limit=RUNS + 1)
-        if len(set(ended) & set(run_ids)) == RUNS:
-            break
-        assert time.monotonic() < deadline, f"{len(ended)} of {RUNS} runs ended"
-        if time.monotonic() >= next_kill:
+    next_kill = [time.monotonic() + KILL_EVERY_S]
+    done: set[str] = set()
+
+    def all_ended_killing_on_schedule() -> bool:
+        done.update(client.store.run_ids(status="succeeded", limit=RUNS + 1))
+        if len(done & set(run_ids)) == RUNS:
+            return True
+        if time.monotonic() >= next_kill[0]:
             victim = nodes[len(kills) % 2]
             kills.append((time.time(), victim.hostname))
             victim.kill()  # SIGKILL: the main process and its pool children
             victim.start()  # same node name, as a restarted container would have
-            next_kill = time.monotonic() + KILL_EVERY_S
-        time.sleep(0.1)
+            next_kill[0] = time.monotonic() + KILL_EVERY_S
+        return False
+
+    wait_for(
+        all_ended_killing_on_schedule,
+        timeout=DEADLINE_S,
+        interval=0.1,
+        message=lambda: f"{len(done & set(run_ids))} of {RUNS} runs ended",
+    )
     elapsed = time.monotonic() - began
     ledger = Ledger(r, ns)
     counts = check_runs(client, ledger, run_ids)
