@@ -18,9 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ._processes import RedisServer, WorkerProcess, free_port
 from .errors import DefinitionError, RunFailed
 from .settings import Settings
 
@@ -224,7 +222,7 @@ class _Demo:
 
         from .api import create_api
 
-        port = _free_port()
+        port = free_port()
         config = uvicorn.Config(
             create_api(settings, client, dev=True),
             host="127.0.0.1",
@@ -307,9 +305,12 @@ class _Demo:
                 f"no Redis answers at {_redact(self.redis_url or '')} and redis-server is "
                 "not installed: set ORCHESTRATOR_REDIS_URL or install redis-server"
             )
-        server = _PrivateRedis(binary, self.tmp / "redis")
+        server = RedisServer(self.tmp / "redis", binary=binary)
         stack.callback(server.stop)
-        server.start()
+        try:
+            server.start()
+        except (AssertionError, RuntimeError) as exc:
+            raise DemoError(str(exc)) from None
         return server.url, f"private redis-server at {server.url}"
 
     def _settings(self, url: str) -> Settings:
@@ -325,15 +326,23 @@ class _Demo:
 
     def _start_workers(
         self, settings: Settings, services: dict[str, str], stack: contextlib.ExitStack
-    ) -> list[_Worker]:
-        cwd = Path.cwd()
+    ) -> list[WorkerProcess]:
         env = self._env(settings, services)
-        workers = [_Worker(i, self.queue, env, cwd, self.tmp) for i in range(1, WORKERS + 1)]
-        for w in workers:
-            stack.callback(w.stop)
-            w.start()
-        for w in workers:
-            w.wait_ready(READY_TIMEOUT_S)
+        workers = []
+        for i in range(1, WORKERS + 1):
+            w = WorkerProcess(
+                self.queue,
+                env=env,
+                concurrency=WORKER_CONCURRENCY,
+                name=f"demo{i}",
+                log_dir=self.tmp,
+            )
+            stack.callback(w.stop, STOP_TIMEOUT_S)
+            try:
+                w.start(READY_TIMEOUT_S)
+            except AssertionError as exc:  # it says why, with the log's tail
+                raise DemoError(str(exc)) from None
+            workers.append(w)
         return workers
 
     def _start_flower(
@@ -342,7 +351,7 @@ class _Demo:
         """Flower for the demo's workers, behind basic auth: (URL, user, password)."""
         from .dev import FLOWER_USER, Child, _http_ok
 
-        port, password = _free_port(), secrets.token_urlsafe(12)
+        port, password = free_port(), secrets.token_urlsafe(12)
         url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "orchestrator", "flower",
                 "--address", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -516,120 +525,3 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: Callable[[], str]
         if time.monotonic() >= deadline:
             raise DemoError(what())
         time.sleep(0.1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
-
-
-class _PrivateRedis:
-    """A throw-away redis-server on a free loopback port, data in the demo's temp dir."""
-
-    def __init__(self, binary: str, data_dir: Path):
-        self.binary = binary
-        self.data_dir = data_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.data_dir / "redis.log"
-        self.port = _free_port()
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--dir", str(self.data_dir), "--save", "", "--appendonly", "no"],
-                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        proc = self.proc
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise DemoError(f"redis-server exited with {proc.returncode}:\n{_tail(log)}")
-            return _answers(self.url)
-
-        _wait(up, 10, lambda: f"redis-server did not answer PING in 10s:\n{_tail(log)}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-
-class _Worker:
-    """One ``celery worker`` subprocess in its own session, output in a log file."""
-
-    def __init__(self, index: int, queue: str, env: dict[str, str], cwd: Path, log_dir: Path):
-        self.name = f"demo{index}"
-        self.env = env
-        self.cwd = cwd
-        self.log = log_dir / f"{self.name}.log"
-        self.command = [
-            sys.executable, "-m", "celery", "-A", "orchestrator.worker", "worker",
-            "-l", "INFO", "-c", str(WORKER_CONCURRENCY), "-Q", queue,
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"{self.name}@%h",
-        ]  # fmt: skip
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                self.command,
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stop() reaches the pool too
-            )
-
-    def wait_ready(self, timeout: float) -> None:
-        proc = self.proc
-        assert proc is not None
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise DemoError(
-                    f"worker {self.name} exited with {proc.returncode} before it was ready:\n"
-                    + _tail(self.log)
-                )
-            return " ready." in self.log.read_text(errors="replace")
-
-        _wait(
-            ready,
-            timeout,
-            lambda: f"worker {self.name} not ready after {timeout:g}s:\n{_tail(self.log)}",
-        )
-
-    def stop(self) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL to the whole group if it lingers."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)

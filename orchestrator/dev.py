@@ -42,7 +42,8 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from .demo import _answers, _free_port, _redact
+from ._processes import free_port
+from .demo import _answers, _redact
 from .errors import DefinitionError
 from .health import check as liveness_check
 from .settings import Settings
@@ -279,7 +280,7 @@ class DevStack:
         if self.redis_port:
             self._check_port(self.redis_port, "--redis-port")
         else:
-            self.redis_port = _free_port()
+            self.redis_port = free_port()
         data = self.data_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         url = f"redis://127.0.0.1:{self.redis_port}/0"
