@@ -50,7 +50,7 @@ class InputError(OrchestratorError):
     """Trigger inputs do not match the flow's input schema; ``field`` names the culprit."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.reason = field, message
         super().__init__(f"input {field!r}: {message}")
 
 

@@ -184,5 +184,5 @@ def replay(
 
 def _reason(exc: OrchestratorError) -> str:
     if isinstance(exc, InputError):
-        return f"inputs.{exc.field}: {str(exc).split(': ', 1)[-1]}"
+        return f"inputs.{exc.field}: {exc.reason}"
     return str(exc)

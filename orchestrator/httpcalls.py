@@ -90,7 +90,7 @@ def call_service(
     try:
         payload = validate_inputs(spec.inputs, dict(args))
     except InputError as exc:
-        raise HttpError(f"service {name!r}: with.{exc.field}: {_reason(exc)}", False) from None
+        raise HttpError(f"service {name!r}: with.{exc.field}: {exc.reason}", False) from None
     kwargs: dict[str, Any] = {
         "headers": {str(k): _header(k, v) for k, v in headers.items()},
         "timeout": timeout or spec.timeout or DEFAULT_TIMEOUT_S,
@@ -117,7 +117,7 @@ def check_outputs(name: str, schema: dict[str, InputField], body: dict[str, Any]
         declared = validate_inputs(schema, {k: v for k, v in body.items() if k in schema})
     except InputError as exc:
         raise HttpError(
-            f"service {name!r} answered an invalid output {exc.field!r}: {_reason(exc)}",
+            f"service {name!r} answered an invalid output {exc.field!r}: {exc.reason}",
             retryable=False,
         ) from None
     return {**body, **declared}
@@ -168,8 +168,3 @@ def _header(name: Any, value: Any) -> str:
     if isinstance(value, dict | list):
         raise HttpError(f"header {name!r} must be text, got {type(value).__name__}", False)
     return _text(value)
-
-
-def _reason(exc: InputError) -> str:
-    """An InputError's message without its ``input 'x':`` prefix."""
-    return str(exc).split(": ", 1)[-1]

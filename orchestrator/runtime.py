@@ -45,7 +45,7 @@ from .inputs import validate_inputs
 from .model import ServiceSpec
 from .settings import Settings
 from .store import ENDED, NO_OUTPUT, RedisStore
-from .variables import StoredVariables, install_log_filter, mask
+from .variables import VariableMap, install_log_filter, mask
 
 log = logging.getLogger("orchestrator.runtime")
 
@@ -297,7 +297,7 @@ class Execution:
             "inputs": json.loads(v["inputs"]) if v.get("inputs") else {},
             "steps": _Steps(steps),
             "run": {"id": self.run_id, "flow": self.plan.name},
-            "vars": StoredVariables(self.store),
+            "vars": VariableMap(lambda: self.store.resources("Variable")),
         }
         node = self.node
         if node.foreach_owner is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .errors import ExpressionError
@@ -68,23 +68,31 @@ def resolve(name: str, spec: Mapping[str, Any], env: Mapping[str, str] | None = 
 
 
 class VariableMap(Mapping[str, Any]):
-    """``vars`` in expressions: resolves a variable only when an expression reads it."""
+    """``vars`` in expressions: the Variables ``load()`` returns, read only when an
+    expression reads one (most steps never do), each resolved on first use."""
 
-    def __init__(self, specs: Mapping[str, Mapping[str, Any]]):
-        self._specs = specs
+    def __init__(self, load: Callable[[], Mapping[str, Mapping[str, Any]]]):
+        self._load = load
+        self._specs: Mapping[str, Mapping[str, Any]] | None = None
         self._values: dict[str, Any] = {}
+
+    @property
+    def specs(self) -> Mapping[str, Mapping[str, Any]]:
+        if self._specs is None:
+            self._specs = self._load()
+        return self._specs
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._values:
-            spec = self._specs[name]  # KeyError: "vars has no field NAME"
+            spec = self.specs[name]  # KeyError: "vars has no field NAME"
             self._values[name] = resolve(name, spec)
         return self._values[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
+        return iter(self.specs)
 
     def __len__(self) -> int:
-        return len(self._specs)
+        return len(self.specs)
 
 
 def mask(value: Any, secrets: frozenset[str] | None = None) -> Any:
@@ -143,26 +151,3 @@ def install_log_filter(*loggers: logging.Logger) -> None:
         for handler in lg.handlers:
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)
-
-
-class StoredVariables(Mapping[str, Any]):
-    """``vars`` for a step: the deployed Variables, read from Redis only if an expression
-    reads one (most steps never do), each resolved on first use."""
-
-    def __init__(self, store: Any):
-        self._store = store
-        self._map: VariableMap | None = None
-
-    def _loaded(self) -> VariableMap:
-        if self._map is None:
-            self._map = VariableMap(self._store.resources("Variable"))
-        return self._map
-
-    def __getitem__(self, name: str) -> Any:
-        return self._loaded()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._loaded())
-
-    def __len__(self) -> int:
-        return len(self._loaded())

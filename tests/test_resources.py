@@ -131,9 +131,8 @@ def test_mask_replaces_secrets_everywhere_in_a_value():
 
 def test_variable_map_resolves_only_what_is_read(monkeypatch):
     monkeypatch.setenv("VM_TOKEN", "vm-secret-1")
-    vm = variables.VariableMap(
-        {"ok": {"value": "${env.VM_TOKEN}", "secret": True}, "broken": {"value": "${env.NOPE}"}}
-    )
+    specs = {"ok": {"value": "${env.VM_TOKEN}", "secret": True}, "broken": {"value": "${env.NOPE}"}}
+    vm = variables.VariableMap(lambda: specs)
     assert vm["ok"] == "vm-secret-1" and len(vm) == 2 and set(vm) == {"ok", "broken"}
     with pytest.raises(KeyError):
         vm["missing"]
