@@ -54,6 +54,26 @@ class InputError(OrchestratorError):
         super().__init__(f"input {field!r}: {message}")
 
 
+class LimitExceeded(InputError):
+    """A value is over a documented limit (``limit`` names its setting) or not encodable."""
+
+    def __init__(self, field: str, message: str, limit: str | None = None):
+        self.limit = limit
+        suffix = f" (limit: ORCHESTRATOR_{limit.upper()})" if limit else ""
+        super().__init__(field, message + suffix)
+
+
+class IdempotencyConflict(OrchestratorError):
+    """An idempotency key was used again with other inputs; ``key`` and ``run`` name them."""
+
+    def __init__(self, flow: str, key: str, run_id: str):
+        self.flow, self.key, self.run_id = flow, key, run_id
+        super().__init__(
+            f"idempotency key {key!r} of flow {flow!r} belongs to run {run_id}, "
+            "which was triggered with other inputs"
+        )
+
+
 class NotFound(OrchestratorError):
     """A flow, run or step that was asked for does not exist."""
 

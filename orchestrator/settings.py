@@ -87,6 +87,35 @@ class Settings(BaseSettings):
     #: Events kept per channel stream (and per dead-letter stream), approximately.
     channel_maxlen: int = Field(default=100_000, ge=100)
 
+    # -- limits: beyond each, a clear 4xx or a failed step naming the limit -----------
+    #: Largest trigger inputs (their JSON encoding, bytes), for runs and subflow runs.
+    max_input_bytes: int = Field(default=1_048_576, ge=1024)
+    #: Largest output of one step (its JSON encoding, bytes): a bigger one fails the step.
+    max_output_bytes: int = Field(default=1_048_576, ge=1024)
+    #: Deepest nesting of lists and objects in inputs, outputs and signal payloads.
+    max_nesting: int = Field(default=64, ge=2, le=500)
+    #: Largest HTTP request body the API reads (checked while reading, before a webhook's
+    #: signature is checked).
+    max_request_bytes: int = Field(default=2_097_152, ge=1024)
+    #: Largest definition file or document (bytes) that validate and deploy accept.
+    max_definition_bytes: int = Field(default=1_048_576, ge=1024)
+    #: Most items one forEach may fan out over.
+    max_foreach_items: int = Field(default=100_000, ge=1)
+    #: Deepest chain of subflow runs (a run's child's child ...); deeper fails the step.
+    max_subflow_depth: int = Field(default=32, ge=1)
+    #: Deliveries of one step attempt whose worker died (SIGKILL, exit, hard time limit
+    #: without a retry) before the step fails with "its worker died N times".
+    max_deliveries: int = Field(default=3, ge=1)
+    #: A step still ``running`` this long past its hard time limit, with no live lease,
+    #: is settled by the reaper (failed, or retried under its policy).
+    reaper_margin_s: float = Field(default=60.0, gt=0)
+    #: A run still ``pending`` this long (its first step's queue has no consumer) gets a
+    #: ``run.unconsumed`` event and a status reason; 0: never.
+    pending_warn_s: float = Field(default=300.0, ge=0)
+    #: What a process does when Redis would evict keys (``maxmemory-policy`` other than
+    #: ``noeviction``): ``warn`` (log at start), ``refuse`` (exit), or ``ignore``.
+    redis_eviction: str = Field(default="warn", pattern="^(warn|refuse|ignore)$")
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         if self.redis_cluster:
