@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from collections.abc import Iterator
@@ -82,7 +83,39 @@ def results_untracked() -> Iterator[None]:
 
 
 class OrchestratorCelery(Celery):
-    """Celery whose result backend skips result tracking inside :func:`results_untracked`."""
+    """Celery whose result backend skips result tracking inside :func:`results_untracked`,
+    and whose producers are re-entrant per thread (:meth:`producer_or_acquire`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._held = threading.local()
+
+    def producer_or_acquire(self, producer: Any = None) -> Any:
+        """The given producer, else the one this thread already holds, else one from the pool.
+
+        Celery's ``chain.run`` drops the ``producer=`` it is given, so a chain published
+        with a producer in hand takes a second one from the pool for its first task. With
+        ``broker_pool_limit`` threads (10) each holding one and waiting for another, every
+        publisher in the process blocks for ever: an API under 30 concurrent triggers, a
+        Client shared by threads. A thread that holds a producer gets that one again, so
+        no thread ever waits for the pool while it holds a producer.
+        """
+        if producer is not None:
+            return contextlib.nullcontext(producer)
+        return self._thread_producer()
+
+    @contextmanager
+    def _thread_producer(self) -> Iterator[Any]:
+        held = getattr(self._held, "producer", None)
+        if held is not None:
+            yield held
+            return
+        with self.producer_pool.acquire(block=True) as producer:
+            self._held.producer = producer
+            try:
+                yield producer
+            finally:
+                self._held.producer = None
 
     def _get_backend(self) -> Any:
         backend = super()._get_backend()
