@@ -161,6 +161,7 @@ class Client:
         for res in named:
             if isinstance(res, EventSubscriptionResource):
                 self._check_subscription(res, batch)
+        self._check_subflow_cycles(batch)
         out = []
         for res in named:  # variables and services first: flows deployed with them use them
             spec = res.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -183,6 +184,47 @@ class Client:
             self.store.save_schedule(sched.name, spec, next_fire(sched.spec, time.time()), moved)
             out.append(Deployed(sched.name, version_of(sched), old is None, "Schedule"))
         return out
+
+    def _check_subflow_cycles(self, batch: dict[str, FlowResource]) -> None:
+        """No flow of this deploy may start itself as a subflow, directly or through others.
+
+        The call graph is the deployed flows' (read from Redis, only those reachable from
+        this deploy) with this deploy's flows replacing theirs.
+        """
+        from .loader import find_subflow_cycle, subflow_calls, subflow_cycle_message
+        from .yamlsource import format_path
+
+        calls = {name: subflow_calls(flow) for name, flow in batch.items()}
+        graph: dict[str, set[str]] = {name: set(c) for name, c in calls.items()}
+        todo = [n for names in graph.values() for n in names]
+        while todo:
+            name = todo.pop()
+            if name not in graph:
+                graph[name] = self._deployed_subflows(name)
+                todo += graph[name]
+        cycle = find_subflow_cycle(graph, through=batch)
+        if cycle is not None:
+            path = calls[cycle[0]][cycle[1]]
+            raise DefinitionError(
+                [
+                    Problem(
+                        f"flow {cycle[0]!r}: {subflow_cycle_message(cycle)}",
+                        None,
+                        None,
+                        format_path(path),
+                    )
+                ]
+            )
+
+    def _deployed_subflows(self, name: str) -> set[str]:
+        """The flows the deployed version of ``name`` starts as subflows (none if not deployed)."""
+        from .loader import subflow_calls
+
+        info = self.store.flow_info(name)
+        doc = self.store.get_definition(name, info["version"]) if info else None
+        if doc is None:
+            return set()
+        return set(subflow_calls(FlowResource.model_validate(doc)))
 
     def _load(self, sources: Iterable[Any]) -> list[Loaded]:
         from .dsl import Flow
@@ -347,18 +389,33 @@ class Client:
         )
 
     def cancel(self, run_id: str) -> Run:
-        """Stop a run: no new step starts, running step tasks are revoked, children cancelled."""
-        now = time.time()
+        """Stop a run: no new step starts, running step tasks are revoked, children cancelled.
+
+        The tree of subflow runs below it is walked with a stack, not by recursion, so a
+        tree of any depth is cancelled whole; children that ended already are passed over.
+        """
         try:
-            self.store.move_run(
-                run_id,
-                ACTIVE,
-                "cancelled",
-                {"ts": now, "type": "run.cancelled", "step": ""},
-                {"finished_at": now},
-            )
+            pending = self._cancel_one(run_id, root=True)
         except redis.ResponseError as exc:
             raise self._state_error(run_id, exc, "cancel") from None
+        while pending:
+            child = pending.pop()
+            with contextlib.suppress(redis.ResponseError):  # it ended: so did its subtree
+                pending.extend(self._cancel_one(child, root=False))
+        return self.get(run_id)
+
+    def _cancel_one(self, run_id: str, root: bool) -> list[str]:
+        """Cancel one run (raises ResponseError when it is not active); its child runs.
+
+        Only the root's parent hears of it: below the root, the parent is being cancelled."""
+        now = time.time()
+        self.store.move_run(
+            run_id,
+            ACTIVE,
+            "cancelled",
+            {"ts": now, "type": "run.cancelled", "step": ""},
+            {"finished_at": now},
+        )
         records = self.store.step_records(run_id)
         running = {
             k: r
@@ -373,12 +430,9 @@ class Client:
         if running:
             self.store.set_fields(run_id, {f"s:{k}": r for k, r in running.items()})
         raw = self.store.run_hash(run_id)
-        for name, child in raw.items():
-            if name.startswith("c:"):
-                with contextlib.suppress(InvalidState, NotFound):
-                    self.cancel(child)
-        run_ended(self.store, self.app, self.plan, run_id)
-        return self.get(run_id)
+        run_ended(self.store, self.app, self.plan, run_id, parent_too=root)
+        # ``c:<step>`` holds a subflow's child run id (and a forEach's started count).
+        return [v for k, v in raw.items() if k.startswith("c:") and not v.isdigit()]
 
     # -- waits: signals and approvals ---------------------------------------------------
 

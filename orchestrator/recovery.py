@@ -293,14 +293,16 @@ class Heartbeat:
                 raise out
         return res
 
-    def release_now(self, request: Any) -> None:
-        """The pool process running ``request`` died: its step's lease lapses now."""
+    def release_now(self, request: Any, why: str = "died") -> None:
+        """The pool process running ``request`` died: its step's lease lapses now, saying
+        why (``timeout``: the hard time limit killed it), for the delivery that follows."""
         ex = _execution(request)
-        if ex is None or self.settings.heartbeat_s <= 0:
+        if ex is None or (self.settings.heartbeat_s <= 0 and why == "died"):
             return
         run_id, key, task_id, worker = ex
+        args = [key, task_id, worker, why]
         try:
-            self._scripts([(self._release, [self._store.run_key(run_id)], [key, task_id, worker])])
+            self._scripts([(self._release, [self._store.run_key(run_id)], args)])
         except Exception as exc:  # noqa: BLE001 - then the lease just runs out
             log.warning("could not release the lease of %s in run %s: %s", key, run_id, exc)
 
@@ -354,6 +356,17 @@ class TaskRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._connection_errors = (*self._connection_errors, AttributeError)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """The hard time limit killed the step's process: say so in its lease and give
+        the message back (the step task has
+        ``acks_on_timeout=False``); its next delivery records the timeout as a failed
+        attempt and retries or fails the step under its policy, so the run moves on."""
+        if not soft:
+            hb = _nodes.get(self.hostname)
+            if hb is not None:
+                hb.release_now(self, why="timeout")
+        super().on_timeout(soft, timeout)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False

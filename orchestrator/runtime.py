@@ -33,15 +33,24 @@ from typing import Any
 import redis
 from celery import Celery, Task, shared_task, signals
 from celery._state import _task_stack
-from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from . import expressions, httpcalls
 from .app import results_untracked
 from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, PlanCache, node_key, retry_countdown
 from .counters import Counts, run_counts, step_counts
-from .errors import ExpressionError, FlowStopped, NotFound, OrchestratorError, StepError
+from .errors import (
+    ExpressionError,
+    FlowStopped,
+    IdempotencyConflict,
+    LimitExceeded,
+    NotFound,
+    OrchestratorError,
+    StepError,
+)
 from .inputs import validate_inputs
+from .limits import check_value
 from .model import ServiceSpec
 from .settings import Settings
 from .store import ENDED, NO_OUTPUT, RedisStore
@@ -85,6 +94,10 @@ def current_step() -> StepContext | None:
 
 class PermanentError(Exception):
     """A step error that retrying cannot fix (bad expression, unknown task, non-JSON output)."""
+
+
+class WorkerLost(Exception):
+    """The process running a step died, as many times as ``max_deliveries`` allows."""
 
 
 class Engine:
@@ -132,8 +145,15 @@ def drop_engine(app: Celery) -> None:
 
 # max_retries=None: attempts are counted by the orchestrator (retry policies, deferrals);
 # Celery's default of 3 would end a step's fifth try, or its fourth deferral, in an error.
+# acks_on_timeout=False: a step killed by its hard time limit gives its message back
+# (Celery would acknowledge it, and nothing would ever record the step's end); the
+# next delivery finds the timeout in the step's lease and records it (recovery.py).
 @shared_task(
-    name=STEP_TASK, bind=True, max_retries=None, Request="orchestrator.recovery:TaskRequest"
+    name=STEP_TASK,
+    bind=True,
+    max_retries=None,
+    acks_on_timeout=False,
+    Request="orchestrator.recovery:TaskRequest",
 )
 def step_task(
     self: Task,
@@ -152,6 +172,7 @@ def step_task(
 ) -> None:
     """Execute one step of a run (see the module docstring)."""
     eng = engine_for(self.app)
+    x: Execution | None = None
     try:
         plan = eng.plan(flow, version)
         x = Execution(eng, self, plan, plan.nodes[node_id], run_id, tuple(path), tail)
@@ -163,11 +184,65 @@ def step_task(
             x.wake()
         else:
             x.run()
+    except (Retry, Ignore, Reject, StepError):
+        raise  # the step's own ending, already recorded
     except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
         # Redis (state or broker) out of reach, e.g. restarting: give the message back
         # rather than let Celery acknowledge a failed task, losing the step.
         log.warning("step %s of run %s: Redis unreachable (%s), requeued", node_id, run_id, exc)
         raise Reject(exc, requeue=True) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever ends a step, it is recorded
+        # Outside the narrow handling of user code: a soft time limit while rendering
+        # ``with:``, MemoryError, a value the record cannot encode, a plan that is gone.
+        # Celery would acknowledge the message and the run would stay running for ever.
+        settle(eng, x, run_id, node_id, path, exc)
+
+
+def settle(
+    eng: Engine,
+    x: Execution | None,
+    run_id: str,
+    node_id: str,
+    path: list[int],
+    exc: Exception,
+) -> None:
+    """End a step that raised outside its error handling: failed (or retried under its
+    policy) and handed to what encloses it; the run itself fails when no plan is at hand."""
+    text = _text(exc)
+    log.error("step %s of run %s ended by %s: %s", node_id, run_id, type(exc).__name__, text)
+    if x is not None:
+        try:
+            if isinstance(exc, SoftTimeLimitExceeded):
+                x._failed(exc, None, None)
+            else:
+                x._failed(PermanentError(text), None, None, error_type=type(exc).__name__)
+            return
+        except (Retry, Ignore, Reject, StepError):
+            raise
+        except Exception as again:  # noqa: BLE001 - recording failed too: fail the run
+            exc, text = again, _text(again)
+    error = {
+        "type": type(exc).__name__,
+        "message": f"step {node_key(node_id, path)}: {text}"[:2000],
+        "step": node_key(node_id, path),
+    }
+    with contextlib.suppress(redis.ResponseError):  # the run ended meanwhile
+        eng.store.move_run(
+            run_id,
+            ("running", "pending", "waiting"),
+            "failed",
+            {"ts": time.time(), "type": "run.failed", "step": "", "error": error},
+            {"error": error, "finished_at": time.time()},
+        )
+    raise StepError(f"{error['type']}: {error['message']}") from None
+
+
+def _text(exc: BaseException) -> str:
+    """An exception's message, even when its ``__str__`` raises; at most 2,000 characters."""
+    try:
+        return str(exc)[:2000] or type(exc).__name__
+    except Exception:  # noqa: BLE001 - a broken __str__ must not stop the recording
+        return f"{type(exc).__name__} (its message could not be read)"
 
 
 _READ = object()  # "the output is not at hand: read it from the store"
@@ -271,11 +346,40 @@ class Execution:
     def _begin(self, mark: bool, fields: list[str]) -> str:
         rec = self._running_record() if mark else None
         event = self._event("step.started") if mark else None
-        verdict, _status, _rec, values = self.store.begin_step(
+        verdict, _status, rec, values = self.store.begin_step(
             self.run_id, self.key, self.task_id, mark, rec, event, fields, self.recovery
         )
         self.values.update(zip(fields, values, strict=True))
+        if verdict == "lost":
+            return self._lost(rec or {})
         return verdict
+
+    def _lost(self, rec: dict[str, Any]) -> str:
+        """This message again after the execution it started died: run the step again,
+        unless the hard time limit killed it (a failed attempt: retried under the step's
+        policy) or its worker died ``max_deliveries`` times (the attempt failed)."""
+        deaths, why = rec.get("lost", 1), rec.get("lost_why", "died")
+        limit = self.eng.settings.max_deliveries
+        if why == "timeout":
+            self._failed(SoftTimeLimitExceeded(), None, None)
+            return "settled"
+        if deaths >= limit:
+            self._failed(
+                WorkerLost(
+                    f"the worker running step {self.key!r} died {deaths} times (killed, "
+                    f"exited or out of memory); limit ORCHESTRATOR_MAX_DELIVERIES={limit}"
+                ),
+                None,
+                None,
+            )
+            return "settled"
+        log.warning(
+            "step %s of run %s: its worker died (%d); running it again",
+            self.key,
+            self.run_id,
+            deaths,
+        )
+        return "run"
 
     def _context(self) -> dict[str, Any]:
         v = self.values
@@ -403,7 +507,7 @@ class Execution:
             if node.kind == "task":
                 output = self._call(step.task, kwargs)  # type: ignore[union-attr]
             else:
-                output = self._call_http(kwargs, ctx)
+                output = self._checked_output(self._call_http(kwargs, ctx))
         except Exception as exc:  # noqa: BLE001 - any failure of user code is the step's failure
             self._failed(exc, kwargs, ctx)
             return
@@ -472,6 +576,16 @@ class Execution:
                 ctx,
             )
             return
+        if len(items) > self.eng.settings.max_foreach_items:
+            self._failed(
+                PermanentError(
+                    f"forEach of step {self.key!r} has {len(items):,} items, over the limit of "
+                    f"{self.eng.settings.max_foreach_items:,} (ORCHESTRATOR_MAX_FOREACH_ITEMS)"
+                ),
+                None,
+                ctx,
+            )
+            return
         if not items:  # nothing to fan out: the step still ends and the run goes on (#3597)
             self._finish("succeeded", [], ctx)
             return
@@ -528,39 +642,57 @@ class Execution:
     def _run_subflow(self) -> None:
         if not self._gate():
             return
-        from .inputs import validate_inputs
-
         step = self.node.step
+        name: str = step.flow  # type: ignore[union-attr]
         ctx = self._context()
         try:
             inputs = expressions.render(step.with_, ctx)  # type: ignore[union-attr]
-            info = self.store.flow_info(step.flow)  # type: ignore[union-attr]
+            info = self.store.flow_info(name)
             if info is None:
-                raise PermanentError(f"flow {step.flow!r} is not deployed")  # type: ignore
-            child_plan = self.eng.plan(step.flow, info["version"])  # type: ignore[union-attr]
+                raise PermanentError(f"flow {name!r} is not deployed")
+            if info.get("state") == "stopped":
+                raise PermanentError(
+                    f"flow {name!r} is stopped: its subflow runs do not start "
+                    f"(`orchestrator flows start {name}`)"
+                )
+            depth = self._depth() + 1
+            limit = self.eng.settings.max_subflow_depth
+            if depth > limit:
+                raise PermanentError(
+                    f"subflow {name!r} would be {depth} runs deep, over the limit of {limit} "
+                    "(ORCHESTRATOR_MAX_SUBFLOW_DEPTH): does the flow call itself?"
+                )
+            child_plan = self.eng.plan(name, info["version"])
             values = validate_inputs(child_plan.resource.spec.inputs, inputs)
+            parent = {
+                "run": self.run_id,
+                "flow": self.plan.name,
+                "version": self.plan.version,
+                "step": self.node.id,
+                "path": list(self.path),
+                "depth": depth,
+            }
+            child, _ = start_run(
+                self.store,
+                self.task.app,
+                child_plan,
+                values,
+                idempotency_key=f"{self.run_id}:{self.key}",
+                parent=parent,
+            )
         except (ExpressionError, OrchestratorError, PermanentError) as exc:
             self._failed(PermanentError(str(exc)), None, ctx)
             return
-        parent = {
-            "run": self.run_id,
-            "flow": self.plan.name,
-            "version": self.plan.version,
-            "step": self.node.id,
-            "path": list(self.path),
-        }
-        child, _ = start_run(
-            self.store,
-            self.task.app,
-            child_plan,
-            values,
-            idempotency_key=f"{self.run_id}:{self.key}",
-            parent=parent,
-        )
         self.store.set_fields(self.run_id, {f"c:{self.key}": child})
         self.store.complete_step(
             self.run_id, [], [self._event("subflow.started", child=child)], recovery=self.recovery
         )
+
+    def _depth(self) -> int:
+        """How many runs deep this run is: 0 at the top, its parent's depth + 1 below."""
+        raw = self.store.read_fields(self.run_id, ["parent"])[0]
+        parent = json.loads(raw) if raw else None
+        return int(parent.get("depth", 1)) if parent else 0
 
     # -- durable waits: park the step, free the worker, resume on a signal or a timer --------
 
@@ -835,10 +967,22 @@ class Execution:
                     _task_stack.pop()
             else:
                 output = task(**kwargs)
+        return self._checked_output(output)
+
+    def _checked_output(self, output: Any) -> Any:
+        """The step's output, refused (permanently) when JSON cannot carry it or it is over
+        the output size or nesting limits: it would break every reader of the run."""
+        limits = self.eng.settings
         try:
-            json.dumps(output)
-        except (TypeError, ValueError) as exc:
-            raise PermanentError(f"output of step {self.key!r} is not JSON: {exc}") from exc
+            check_value(
+                output,
+                f"output of step {self.key!r}",
+                max_bytes=limits.max_output_bytes,
+                max_nesting=limits.max_nesting,
+                size_limit="max_output_bytes",
+            )
+        except LimitExceeded as exc:
+            raise PermanentError(f"{exc.field}: {exc.reason}") from None
         return output
 
     def _rate_ok(self) -> bool:
@@ -871,6 +1015,8 @@ class Execution:
         """Handle a verdict that means "do not execute"; True when the caller must return."""
         if verdict == "run":
             return False
+        if verdict == "settled":  # a lost delivery, recorded as the attempt's end
+            return True
         if verdict == "done" and self.tail:
             # A redelivered message whose step had ended: the run may not have moved on
             # (the worker died between recording and publishing), so continue again.
@@ -1235,10 +1381,13 @@ PUBLISH_BATCH = 500
 PlanFor = Callable[[str, str], Plan]
 
 
-def run_ended(store: RedisStore, app: Celery, plan_for: PlanFor, run_id: str) -> None:
-    """Tell whoever waits on a run that it ended: its parent run, and watching steps."""
+def run_ended(
+    store: RedisStore, app: Celery, plan_for: PlanFor, run_id: str, parent_too: bool = True
+) -> None:
+    """Tell whoever waits on a run that it ended: its parent run (unless ``parent_too`` is
+    False: the parent ended first, as when a cancel walks down a tree), and watching steps."""
     parent, watchers = store.end_listeners(run_id)
-    if parent:
+    if parent and parent_too:
         notify_parent(app, plan_for, parent, run_id)
     for run, flow, version, step, path in watchers:
         wake_step(app, plan_for, run, flow, version, step, path)
@@ -1307,16 +1456,33 @@ def start_run(
     idempotency_key: str | None = None,
     parent: dict[str, Any] | None = None,
     run_id: str | None = None,
+    conflicts: bool = False,
 ) -> tuple[str, bool]:
     """Create a run record (once per idempotency key) and publish its first canvas.
 
     Returns the run id and whether this call created it (False: the key's run existed).
+    Raises LimitExceeded for inputs over the size or nesting limits and, with
+    ``conflicts``, IdempotencyConflict when the key's run was started with other inputs.
+    Once the canvas is out the run says so (``published``): a run that stays pending
+    without it (its producer died in between) is published again by the sweep.
     """
+    limits = store.settings
+    check_value(
+        inputs,
+        "inputs",
+        max_bytes=limits.max_input_bytes,
+        max_nesting=limits.max_nesting,
+        size_limit="max_input_bytes",
+    )
     run_id = run_id or new_run_id()
     if idempotency_key is not None:
         owner = store.claim_idempotency(plan.name, idempotency_key, run_id)
-        if owner != run_id and store.r.exists(store.run_key(owner)):
-            return owner, False
+        if owner != run_id:
+            status, stored = store.read_fields(owner, ["status", "inputs"])
+            if status is not None:
+                if conflicts and _differ(stored, inputs):
+                    raise IdempotencyConflict(plan.name, idempotency_key, owner)
+                return owner, False
         run_id = owner
     now = time.time()
     record = {
@@ -1347,7 +1513,13 @@ def start_run(
             {"error": error, "finished_at": time.time()},
         )
         raise
+    store.set_fields(run_id, {"published": time.time()})
     return run_id, True
+
+
+def _differ(stored: str | None, inputs: dict[str, Any]) -> bool:
+    """Whether a run's stored inputs are not ``inputs`` (as JSON carries them)."""
+    return (json.loads(stored) if stored else {}) != json.loads(json.dumps(inputs))
 
 
 def trigger_flow(
@@ -1360,7 +1532,8 @@ def trigger_flow(
 ) -> tuple[str, bool, Plan, dict[str, Any]]:
     """Start a run of the flow's current version: (run id, created, plan, inputs).
 
-    Raises NotFound (not deployed), FlowStopped, or InputError naming the field.
+    Raises NotFound (not deployed), FlowStopped, InputError naming the field (its
+    LimitExceeded kind for inputs over a limit), or IdempotencyConflict.
     """
     info = store.flow_info(flow)
     if info is None:
@@ -1371,7 +1544,7 @@ def trigger_flow(
         )
     plan = plan_for(flow, info["version"])
     values = validate_inputs(plan.resource.spec.inputs, inputs)
-    run_id, created = start_run(store, app, plan, values, idempotency_key)
+    run_id, created = start_run(store, app, plan, values, idempotency_key, conflicts=True)
     return run_id, created, plan, values
 
 
@@ -1409,8 +1582,7 @@ def error_info(exc: BaseException, step: str | None) -> dict[str, Any]:
     """An error as run state records it: type, message and the failed step."""
     if isinstance(exc, SoftTimeLimitExceeded):
         return {"type": "Timeout", "message": "the step ran past its timeout", "step": step}
-    message = str(exc) or exc.__class__.__name__
-    info = {"type": exc.__class__.__name__, "message": message, "step": step}
+    info = {"type": exc.__class__.__name__, "message": _text(exc), "step": step}
     if not isinstance(exc, PermanentError | StepError):
         info["traceback"] = "".join(traceback.format_exception(exc, limit=-3))[-2000:]
     return info

@@ -9,6 +9,10 @@
 --   busy     another message (another task id) is running it now;
 --   held     this message again while the execution it started still runs: its lease
 --            is live (orchestrator/recovery.py); come back later;
+--   lost     this message again after the execution it started died (its lease lapsed:
+--            the worker was killed, exited, or hit the hard time limit); with mark = '1'
+--            the new running record counts it (``lost``: deaths of this attempt so far,
+--            ``lost_why``: 'timeout' or 'died') and is returned as the step record;
 --   inactive the run is not active (cancelled, failed, ...), or is recovering from a
 --            failure and this is not a recovery step; missing: no such run.
 local run = KEYS[1]
@@ -48,9 +52,18 @@ if rec then
     if untl and untl > now[1] + now[2] / 1e6 then
       return {'held', status, rec}
     end
+    if ARGV[3] == '1' then
+      local new = cjson.decode(ARGV[4])
+      new['lost'] = (r['lost'] or 0) + 1
+      new['lost_why'] = (raw and cjson.decode(raw)['why']) or 'died'
+      rec = cjson.encode(new)
+      ARGV[4] = rec
+      verdict = 'lost'
+      redis.call('HDEL', run, 'l:' .. ARGV[1])
+    end
   end
 end
-if verdict == 'run' and ARGV[3] == '1' then
+if (verdict == 'run' or verdict == 'lost') and ARGV[3] == '1' then
   redis.call('HSET', run, skey, ARGV[4])
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[5])
   if status == 'pending' then

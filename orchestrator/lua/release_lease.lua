@@ -4,7 +4,8 @@
 -- instead of waiting for the lease (or the running record's own) to run out. Otherwise
 -- drop that process's lease, if it still holds one.
 -- KEYS: run hash.
--- ARGV: step key, Celery task id, worker ('<node>:<pid>').
+-- ARGV: step key, Celery task id, worker ('<node>:<pid>'), and why the process let go
+--       when it died ('timeout' after the hard time limit; else 'died').
 -- Returns 1 when it changed something, else 0.
 local rec = redis.call('HGET', KEYS[1], 's:' .. ARGV[1])
 if not rec then
@@ -13,7 +14,8 @@ end
 local lkey = 'l:' .. ARGV[1]
 local r = cjson.decode(rec)
 if r['status'] == 'running' and r['task_id'] == ARGV[2] and r['worker'] == ARGV[3] then
-  redis.call('HSET', KEYS[1], lkey, cjson.encode({t = ARGV[2], w = ARGV[3], u = 0}))
+  redis.call('HSET', KEYS[1], lkey,
+    cjson.encode({t = ARGV[2], w = ARGV[3], u = 0, why = ARGV[4] or 'died'}))
   return 1
 end
 local raw = redis.call('HGET', KEYS[1], lkey)
