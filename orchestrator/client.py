@@ -85,6 +85,9 @@ class Run:
     finished_at: float | None = None
     idempotency_key: str | None = None
     steps: dict[str, StepState] = field(default_factory=dict)
+    #: Why the run is not moving, when the orchestrator noticed (e.g. its first step's
+    #: queue has no live consumer): set by the sweep, None otherwise.
+    reason: str | None = None
     _client: Client | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -218,13 +221,19 @@ class Client:
 
     def _deployed_subflows(self, name: str) -> set[str]:
         """The flows the deployed version of ``name`` starts as subflows (none if not deployed)."""
+        from pydantic import ValidationError
+
         from .loader import subflow_calls
 
         info = self.store.flow_info(name)
         doc = self.store.get_definition(name, info["version"]) if info else None
         if doc is None:
             return set()
-        return set(subflow_calls(FlowResource.model_validate(doc)))
+        try:
+            flow = FlowResource.model_validate(doc)
+        except ValidationError:  # stored under older rules: its runs still meet the depth limit
+            return set()
+        return set(subflow_calls(flow))
 
     def _load(self, sources: Iterable[Any]) -> list[Loaded]:
         from .dsl import Flow
@@ -576,6 +585,7 @@ class Client:
             finished_at=f("finished_at"),
             idempotency_key=raw.get("idempotency_key"),
             steps=steps,
+            reason=raw.get("reason") if raw["status"] == "pending" else None,
             _client=self,
         )
 

@@ -171,9 +171,14 @@ class Heartbeat:
     # -- one heartbeat --------------------------------------------------------------------
 
     def beat(self) -> None:
-        """Heartbeat held messages, sweep abandoned ones, renew and drop step leases."""
+        """Heartbeat held messages, sweep abandoned ones, renew and drop step leases, and
+        say which queues this node consumes (``Pnodes``, read by :mod:`.sweep`)."""
         now = time.time()
         requests = _snapshot(state.active_requests)
+        try:
+            self._report(now)
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive any outage
+            log.debug("heartbeat: could not report this node (%s)", exc)
         try:
             self._beat_broker(now, requests)
         except Exception as exc:  # noqa: BLE001 - the thread must outlive any outage
@@ -184,6 +189,15 @@ class Heartbeat:
             self._beat_leases(requests)
         except Exception as exc:  # noqa: BLE001 - the thread must outlive any outage
             log.warning("heartbeat: run state unreachable (%s); retrying", exc)
+
+    def _report(self, now: float) -> None:
+        consumer = getattr(self.consumer, "task_consumer", None)
+        queues = sorted(q.name for q in getattr(consumer, "queues", None) or ())
+        if self._stopping.is_set():
+            self._store.r.hdel(self._store.nodes_key(), self.node)
+            return
+        info = {"queues": queues, "at": now, "pid": os.getpid()}
+        self._store.r.hset(self._store.nodes_key(), self.node, json.dumps(info))
 
     def _broker(self) -> Any:
         """A channel of our own on the broker; None when it is not Redis (real acks)."""

@@ -114,8 +114,9 @@ class Scheduler(_BeatScheduler):
     name=TICK_TASK, bind=True, ignore_result=True, Request="orchestrator.recovery:TaskRequest"
 )
 def tick(self: Task) -> dict[str, int]:
-    """Wake due timers and fire due schedules (see the module docstring)."""
+    """Wake due timers, fire due schedules, sweep (see the module docstring)."""
     from .runtime import engine_for, wake_step
+    from .sweep import sweep
 
     eng = engine_for(self.app)
     now = time.time()
@@ -124,7 +125,8 @@ def tick(self: Task) -> dict[str, int]:
         wake_step(self.app, eng.plan, run, flow, version, step, path)
         woken += 1
     fired = fire_schedules(eng, now)
-    return {"woken": woken, "fired": fired}
+    swept = sweep(eng, self, now)
+    return {"woken": woken, "fired": fired, **{k: v for k, v in swept.items() if v}}
 
 
 def fire_schedules(eng: Any, now: float) -> int:

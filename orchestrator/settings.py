@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     #: A step still ``running`` this long past its hard time limit, with no live lease,
     #: is settled by the reaper (failed, or retried under its policy).
     reaper_margin_s: float = Field(default=60.0, gt=0)
+    #: How often the sweep (``orchestrator/sweep.py``) looks over active runs, at most.
+    sweep_s: float = Field(default=10.0, gt=0)
     #: A run still ``pending`` this long (its first step's queue has no consumer) gets a
     #: ``run.unconsumed`` event and a status reason; 0: never.
     pending_warn_s: float = Field(default=300.0, ge=0)
