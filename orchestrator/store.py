@@ -141,6 +141,10 @@ class RedisStore:
     def metrics_key(self) -> str:
         return f"{self.p}metrics"
 
+    def nodes_key(self) -> str:
+        """Hash: worker node name -> JSON ``{queues, at, pid}`` from its heartbeat."""
+        return f"{self.p}nodes"
+
     # -- definitions --------------------------------------------------------------------
 
     def save_definition(
