@@ -14,6 +14,13 @@ end
 local lkey = 'l:' .. ARGV[1]
 local r = cjson.decode(rec)
 if r['status'] == 'running' and r['task_id'] == ARGV[2] and r['worker'] == ARGV[3] then
+  local held = redis.call('HGET', KEYS[1], lkey)
+  if held then
+    local l = cjson.decode(held)
+    if l['u'] == 0 and l['t'] == ARGV[2] and l['w'] == ARGV[3] then
+      return 0  -- lapsed already; keep the first word on why (the heartbeat's is later)
+    end
+  end
   redis.call('HSET', KEYS[1], lkey,
     cjson.encode({t = ARGV[2], w = ARGV[3], u = 0, why = ARGV[4] or 'died'}))
   return 1
