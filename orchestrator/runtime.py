@@ -982,7 +982,7 @@ class Execution:
                 size_limit="max_output_bytes",
             )
         except LimitExceeded as exc:
-            raise PermanentError(f"{exc.field}: {exc.reason}") from None
+            raise PermanentError(f"{exc.field} {exc.reason}") from None
         return output
 
     def _rate_ok(self) -> bool:
@@ -1167,7 +1167,7 @@ class Execution:
         )
         if res == "ok":
             self._propagate(error)
-        raise StepError(mask(f"{error['type']}: {error['message']}"))
+        raise StepError(mask(f"{error['type']}: {error['message']}")) from None
 
     def _propagate(self, error: dict[str, Any]) -> None:
         """Climb from a failed step to the try that catches it, or fail the run."""
@@ -1579,7 +1579,14 @@ class _Steps(dict):
 
 
 def error_info(exc: BaseException, step: str | None) -> dict[str, Any]:
-    """An error as run state records it: type, message and the failed step."""
+    """An error as run state records it: type, message and the failed step.
+
+    The exception's known secrets are masked in place first (``mask_exception``), so
+    whatever formats it later (Celery's retry message and traceback, a log) shows
+    ``***``; the store masks what it records of it in any case."""
+    from .variables import mask_exception
+
+    mask_exception(exc)
     if isinstance(exc, SoftTimeLimitExceeded):
         return {"type": "Timeout", "message": "the step ran past its timeout", "step": step}
     info = {"type": exc.__class__.__name__, "message": _text(exc), "step": step}
