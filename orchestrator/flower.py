@@ -9,6 +9,13 @@ command lines to every user) and in no log. Workers send the task events Flower 
 Every step message is one ``orchestrator.step`` task sent under the name
 ``<flow>.<step>`` (Celery's ``shadow`` option), whose first argument is the run id:
 that is what Flower lists.
+
+What Flower shows of a failed or retried step holds no secret's value: the pool process
+masks the exception, the errors it chains from and the traceback text before the
+worker's main process sends them in the ``task-failed``/``task-retried`` event
+(:mod:`.variables`, Celery's ``task_failure``/``task_retry`` signals), and a failed
+step raises a ``StepError`` that does not chain the task's own error. A task's
+arguments are ids only (run, flow, version, step), never its inputs.
 """
 
 from __future__ import annotations

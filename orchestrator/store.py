@@ -40,10 +40,20 @@ Each state change of a run is one Lua script (``lua/*.lua``) touching only that 
 keys; index updates and metric counts ride in the same pipeline. Indexes may briefly
 list a run in a stale status, so readers check the run hash and drop what does not
 match; a count the script turns out not to earn is taken back at once.
+
+No secret's value is ever written: every method that writes user-derived data (run
+and step records, outputs, errors, events, waits, signals, decisions, forEach items,
+channel entries, schedules, definitions, resource specs) passes it through
+:meth:`RedisStore._masked`, which replaces the value of every secret Variable this
+process knows with ``***`` (:mod:`.variables`). The store learns the deployed secret
+Variables itself (first plan load or write, every read of the Variables, every
+``SECRETS_REFRESH_S``) and resolves them from this process's environment, so what is
+masked does not depend on which process resolved a secret.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -56,11 +66,16 @@ from redis.exceptions import NoScriptError
 from .counters import Counts, run_counts
 from .redisconn import redis_client
 from .settings import Settings
-from .variables import known_secrets, mask
+from .variables import learn_secrets, mask
 
 ACTIVE = ("pending", "running", "waiting")
 ENDED = ("succeeded", "failed", "compensated", "cancelled")
 TERMINAL_STEP = ("succeeded", "skipped", "failed", "cancelled", "compensated")
+
+#: How long a store trusts the secret Variables it learned before reading them again.
+#: A Variable deployed meanwhile is learned sooner whenever this process reads the
+#: Variables (a step reading ``${vars.NAME}``, a deploy through this store).
+SECRETS_REFRESH_S = 30.0
 
 
 def dumps(value: Any) -> str:
@@ -91,9 +106,35 @@ class RedisStore:
         self._unpark = self.r.register_script(_script("unpark"))
         self._signal = self.r.register_script(_script("signal"))
         self._decide = self.r.register_script(_script("decide"))
+        self._secrets_due = 0.0  # monotonic time of the next read of the secret Variables
 
     def close(self) -> None:
         self.r.close()
+
+    # -- secrets ------------------------------------------------------------------------
+
+    def _masked(self, value: Any) -> Any:
+        """``value`` as it may be written to Redis: the value of every secret this process
+        knows replaced with ``***``. Every method that writes user-derived data passes
+        it through here (one place, so no write path can forget)."""
+        self._fresh_secrets()
+        return mask(value)
+
+    def _fresh_secrets(self) -> None:
+        """Read the secret Variables again if this store never did or did long ago."""
+        if time.monotonic() >= self._secrets_due:
+            self._learn_secrets()
+
+    def _learn_secrets(self, specs: dict[str, dict[str, Any]] | None = None) -> None:
+        """Know the value of every deployed secret Variable (``specs``, else read from
+        Redis) that this process's environment resolves."""
+        if specs is None:
+            specs = {}
+            for name, raw in self.r.hgetall(f"{self.p}res:Variable").items():
+                with contextlib.suppress(ValueError):  # not ours to judge here
+                    specs[name] = json.loads(raw)
+        self._secrets_due = time.monotonic() + SECRETS_REFRESH_S
+        learn_secrets(specs)
 
     def _script_and(
         self, script: Any, keys: list[str], args: list[Any], more: Callable[[Any], None]
@@ -153,6 +194,7 @@ class RedisStore:
         """Store a version (immutable) and make it current; True if the flow is new."""
         # Not a MULTI: the keys live on different Cluster slots. The version is written
         # before the pointer to it, so a reader never finds a version it cannot load.
+        document = self._masked(document)
         pipe = self.r.pipeline(transaction=False)
         pipe.set(f"{self.p}flowdef:{name}:{version}", dumps(document), nx=True)
         pipe.sadd(f"{self.p}flows", name)
@@ -162,6 +204,9 @@ class RedisStore:
         return bool(created)
 
     def get_definition(self, name: str, version: str) -> dict[str, Any] | None:
+        # A worker process loads a plan before its first step runs: learn the secrets
+        # then, so that step's log lines are masked too (``_masked``: on every write).
+        self._fresh_secrets()
         raw = self.r.get(f"{self.p}flowdef:{name}:{version}")
         return json.loads(raw) if raw else None
 
@@ -179,13 +224,14 @@ class RedisStore:
 
     def claim_idempotency(self, flow: str, key: str, run_id: str) -> str:
         """The run id that owns ``(flow, key)``: ``run_id`` if it was free."""
-        k = f"{self.p}idem:{flow}:{key}"
+        k = f"{self.p}idem:{flow}:{self._masked(key)}"
         if self.r.set(k, run_id, nx=True, ex=self.settings.retention_s):
             return run_id
         return self.r.get(k) or run_id
 
     def create_run(self, run: dict[str, Any], event: dict[str, Any]) -> bool:
         """Store a new run with its first event and index it; False if it already existed."""
+        run, event = self._masked([run, event])
         rid, now = run["id"], run["created_at"]
         fields: list[Any] = []
         for k, v in run.items():
@@ -267,8 +313,7 @@ class RedisStore:
         ``counts`` are metric increments that stand when the records are written
         (``counters.step_counts``), ``final_counts`` those that stand when ``final`` ends
         the run (``counters.run_counts``)."""
-        if known_secrets():  # a secret this process resolved is never written (``***``)
-            records, events, final = mask([records, events, final])
+        records, events, final = self._masked([records, events, final])
         args: list[Any] = ["1" if recovery else "0", len(records)]
         for key, rec, output in records:
             args += [key, dumps(rec), "" if output is NO_OUTPUT else dumps(output)]
@@ -322,6 +367,7 @@ class RedisStore:
 
         Raises ``redis.ResponseError`` with ``status:<current>`` when it is not.
         """
+        event, fields = self._masked([event, fields])
         args: list[Any] = [
             ",".join(expected),
             status,
@@ -364,6 +410,7 @@ class RedisStore:
         self, run_id: str, error: dict[str, Any], event: dict[str, Any]
     ) -> list[str] | None:
         """Enter the recovery phase once; the saga's undo log, or None if not ours to run."""
+        error, event = self._masked([error, event])
         res = self._recover(
             keys=[self.run_key(run_id), self.events_key(run_id), self.comp_key(run_id)],
             args=[dumps(error), dumps(event)],
@@ -372,6 +419,7 @@ class RedisStore:
 
     def foreach_start(self, run_id: str, key: str, items: list[Any], started: int) -> None:
         """Store each item under its own field (children read only theirs) and the counters."""
+        items = self._masked(items)
         rk = self.run_key(run_id)
         pipe = self.r.pipeline(transaction=False)
         chunk: dict[str, str] = {}
@@ -404,6 +452,7 @@ class RedisStore:
         wake: list[Any] | None,
     ) -> tuple[str, Any]:
         """Park a waiting step (see ``lua/park.lua``); ``wake`` is its timer entry, if any."""
+        record, wait, event = self._masked([record, wait, event])
         signal = wait.get("signal") or ""
         keys = [
             self.run_key(run_id),
@@ -419,6 +468,7 @@ class RedisStore:
         return bool(self._unpark(keys=[self.run_key(run_id)], args=[key]))
 
     def signal(self, run_id: str, name: str, payload: Any, event: dict[str, Any]) -> list:
+        name, payload, event = self._masked([name, payload, event])
         keys = [self.run_key(run_id), self.events_key(run_id), self.signal_key(run_id, name)]
         return list(
             self._signal(
@@ -429,11 +479,12 @@ class RedisStore:
     def decide(
         self, run_id: str, key: str, by: str, decision: dict[str, Any], event: dict[str, Any]
     ) -> list:
+        by, decision, event = self._masked([by, decision, event])
         keys = [self.run_key(run_id), self.events_key(run_id)]
         return list(self._decide(keys=keys, args=[key, by, dumps(decision), dumps(event)]))
 
     def add_timer(self, entry: list[Any], due: float) -> None:
-        self.r.zadd(f"{self.p}timers", {dumps(entry): due})
+        self.r.zadd(f"{self.p}timers", {dumps(self._masked(entry)): due})
 
     def due_timers(self, now: float, limit: int = 500) -> list[list[Any]]:
         """Timers that are due, each claimed by this caller alone (ZREM wins once)."""
@@ -446,6 +497,7 @@ class RedisStore:
         return [json.loads(m) for m, won in zip(members, pipe.execute(), strict=True) if won]
 
     def add_watcher(self, target: str, entry: list[Any]) -> None:
+        entry = self._masked(entry)
         pipe = self.r.pipeline(transaction=False)
         pipe.rpush(self.watchers_key(target), dumps(entry))
         pipe.expire(self.watchers_key(target), self.settings.retention_s)
@@ -463,14 +515,23 @@ class RedisStore:
 
     def save_resource(self, kind: str, name: str, spec: dict[str, Any]) -> bool:
         """Store (or replace) a resource's spec; True when it is new."""
-        return bool(self.r.hset(f"{self.p}res:{kind}", name, dumps(spec)))
+        new = bool(self.r.hset(f"{self.p}res:{kind}", name, dumps(self._masked(spec))))
+        if kind == "Variable":  # a secret deployed from here is masked from now on
+            learn_secrets({name: spec})
+        return new
 
     def resources(self, kind: str) -> dict[str, dict[str, Any]]:
-        return {k: json.loads(v) for k, v in self.r.hgetall(f"{self.p}res:{kind}").items()}
+        found = {k: json.loads(v) for k, v in self.r.hgetall(f"{self.p}res:{kind}").items()}
+        if kind == "Variable":  # read anyway (a step reads ``${vars...}``): learn them
+            self._learn_secrets(found)
+        return found
 
     def resource(self, kind: str, name: str) -> dict[str, Any] | None:
         raw = self.r.hget(f"{self.p}res:{kind}", name)
-        return json.loads(raw) if raw else None
+        spec = json.loads(raw) if raw else None
+        if kind == "Variable" and spec is not None:
+            learn_secrets({name: spec})
+        return spec
 
     # -- event channels -----------------------------------------------------------------
 
@@ -481,7 +542,7 @@ class RedisStore:
         """Append to a channel (or its dead-letter stream), trimmed to ~``channel_maxlen``."""
         return self.r.xadd(
             self.channel_key(channel, dead),
-            {"e": dumps(entry)},
+            {"e": dumps(self._masked(entry))},
             maxlen=self.settings.channel_maxlen,
             approximate=True,
         )
@@ -503,6 +564,7 @@ class RedisStore:
     # -- schedules ----------------------------------------------------------------------------
 
     def save_schedule(self, name: str, spec: dict[str, Any], next_fire: float, reset: bool) -> None:
+        spec = self._masked(spec)
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(f"{self.p}schedules", name, dumps(spec))
         if reset:
@@ -517,7 +579,7 @@ class RedisStore:
         return self.r.hgetall(f"{self.p}schedule:{name}")
 
     def set_schedule_state(self, name: str, **fields: Any) -> None:
-        self.r.hset(f"{self.p}schedule:{name}", mapping=fields)
+        self.r.hset(f"{self.p}schedule:{name}", mapping=self._masked(fields))
 
     def claim_fire(self, name: str, fire: float) -> bool:
         """True for the one caller that fires ``name`` at ``fire`` (a lock per fire time)."""
@@ -531,6 +593,7 @@ class RedisStore:
         )
 
     def set_fields(self, run_id: str, fields: dict[str, Any]) -> None:
+        fields = self._masked(fields)
         self.r.hset(
             self.run_key(run_id),
             mapping={

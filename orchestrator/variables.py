@@ -3,13 +3,25 @@
 A ``Variable`` resource is stored as its definition: a plain value, or a template that
 refers to the environment (``${env.API_TOKEN}``). The environment is read on the worker
 when a step reads the variable, so a secret (which must come from the environment) is
-known only to the process that needs it: its value is never written to Redis.
+known only to the processes whose environment holds it: its value is never written to
+Redis.
 
-Every secret value a process resolves is remembered in that process, and
+A process knows a secret's value when it resolves the Variable (a step reads it), and
+also when its store learns the deployed secret Variables (:func:`learn_secrets`: every
+``RedisStore`` does, on its first plan load or write, whenever it reads the Variables,
+and every ``SECRETS_REFRESH_S``), resolving each from this process's environment where
+it can.
+Masking therefore does not depend on which process resolved a secret: an API process
+with the token in its environment masks a signal payload holding it, a worker process
+masks a value its task read from ``os.environ`` itself. Every known value is then
 
-* :func:`mask` replaces it with ``***`` in anything about to be stored (the store calls
-  it on every step record, event and run outcome it writes), and
-* :class:`SecretFilter` replaces it in log records (installed on the worker's handlers),
+* replaced with ``***`` by :func:`mask` in anything about to be stored (``RedisStore``
+  passes every write of user-derived data through it: run records, step records and
+  outputs, events, waits, signals, decisions, channel entries, definitions),
+* replaced in log records by :class:`SecretFilter` (installed on the worker's handlers),
+* replaced in what Celery reports of a failed or retried task (the exception, its
+  chain and the traceback text that go to task events, so Flower, and to the log):
+  :func:`mask_exception` and the ``task_failure``/``task_retry`` hooks below,
 
 so a step that echoes its token in its output, its error or its log shows ``***``.
 
@@ -24,7 +36,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .errors import ExpressionError
+from celery import signals
+
+from .errors import ExpressionError, StepError
 from .model import ENV_REF
 
 MASK = "***"
@@ -65,6 +79,19 @@ def resolve(name: str, spec: Mapping[str, Any], env: Mapping[str, str] | None = 
     if spec.get("secret"):
         remember_secret(str(value))
     return value
+
+
+def learn_secrets(
+    specs: Mapping[str, Mapping[str, Any]], env: Mapping[str, str] | None = None
+) -> None:
+    """Know (and so mask) the value of every secret Variable in ``specs`` that this
+    process's environment can resolve; one it cannot is skipped (it is not here)."""
+    for name, spec in specs.items():
+        if isinstance(spec, Mapping) and spec.get("secret"):
+            try:
+                resolve(name, spec, env)
+            except ExpressionError:
+                continue
 
 
 class VariableMap(Mapping[str, Any]):
@@ -114,6 +141,106 @@ def _mask(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, list | tuple):
         return [_mask(v, secrets) for v in value]
     return value
+
+
+def _leaks(text: str, secrets: frozenset[str]) -> bool:
+    return any(s in text for s in secrets)
+
+
+def mask_exception(exc: BaseException, secrets: frozenset[str] | None = None) -> BaseException:
+    """``exc`` fit to be reported outside this process: every known secret masked.
+
+    The message arguments of ``exc`` and of the exceptions it chains from
+    (``__cause__``, ``__context__``) and their notes are masked in place, so whatever
+    formats them later (a traceback, Celery's retry message, a log) shows ``***``. An
+    exception whose ``str`` or ``repr`` still shows a secret (it builds its text from
+    other attributes) is replaced by a :class:`StepError` saying its type and masked
+    message; the result is ``exc`` itself or that replacement.
+    """
+    secrets = known_secrets() if secrets is None else secrets
+    if not secrets:
+        return exc
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        try:
+            e.args = tuple(
+                mask(a, secrets) if isinstance(a, str | dict | list) else a for a in e.args
+            )
+            notes = getattr(e, "__notes__", None)
+            if isinstance(notes, list):
+                e.__notes__ = mask(notes, secrets)
+        except (AttributeError, TypeError):  # an exception that will not take new args
+            pass
+        todo += [e.__cause__, e.__context__]
+    if _leaks(_safe_text(str, exc), secrets) or _leaks(_safe_text(repr, exc), secrets):
+        replacement = StepError(mask(f"{type(exc).__name__}: {_safe_text(str, exc)}", secrets))
+        replacement.__suppress_context__ = True
+        return replacement
+    return exc
+
+
+def _safe_text(how: Callable[[Any], str], exc: BaseException) -> str:
+    try:
+        return how(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ shows no secret either
+        return type(exc).__name__
+
+
+def _mask_task_report(einfo: Any) -> None:
+    """Mask what Celery reports of a task that failed or will be retried: the exception
+    (its repr goes to the task event) and the traceback text (the event and the log).
+
+    ``einfo`` is the ``ExceptionInfo`` that the pool process hands back to the worker's
+    main process, which sends the ``task-failed``/``task-retried`` event from it."""
+    secrets = known_secrets()
+    if einfo is None or not secrets:
+        return
+    if isinstance(getattr(einfo, "traceback", None), str):
+        einfo.traceback = mask(einfo.traceback, secrets)
+    exc = getattr(einfo, "exception", None)
+    if isinstance(exc, BaseException):
+        masked = _mask_reported(exc, secrets)
+        if masked is not exc:
+            einfo.exception, einfo.type = masked, type(masked)
+
+
+def _mask_reported(exc: BaseException, secrets: frozenset[str]) -> BaseException:
+    """:func:`mask_exception` through the wrappers Celery reports: billiard's
+    ``ExceptionWithTraceback`` (an exception and its traceback text, both sent to the
+    main process) and ``Retry`` (the error it retries after: ``task-retried`` shows it)."""
+    from billiard.einfo import ExceptionWithTraceback
+    from celery.exceptions import Retry
+
+    if isinstance(exc, ExceptionWithTraceback):
+        exc.tb = mask(exc.tb, secrets)
+        if isinstance(exc.exc, BaseException):
+            exc.exc = _mask_reported(exc.exc, secrets)
+        return exc
+    if isinstance(exc, Retry):
+        if isinstance(exc.exc, BaseException):
+            exc.exc = _mask_reported(exc.exc, secrets)
+            exc.excs = _safe_text(repr, exc.exc)
+        elif isinstance(exc.excs, str):
+            exc.excs = mask(exc.excs, secrets)
+        if isinstance(exc.message, str):
+            exc.message = mask(exc.message, secrets)
+        return exc
+    return mask_exception(exc, secrets)
+
+
+@signals.task_failure.connect(weak=False)
+def _masked_failure(einfo: Any = None, **_: Any) -> None:
+    _mask_task_report(einfo)
+
+
+@signals.task_retry.connect(weak=False)
+def _masked_retry(einfo: Any = None, **_: Any) -> None:
+    _mask_task_report(einfo)
 
 
 def shown(spec: Mapping[str, Any]) -> Any:
