@@ -234,7 +234,7 @@ def settle(
             {"ts": time.time(), "type": "run.failed", "step": "", "error": error},
             {"error": error, "finished_at": time.time()},
         )
-    raise StepError(f"{error['type']}: {error['message']}") from None
+    raise StepError(mask(f"{error['type']}: {error['message']}")) from None
 
 
 def _text(exc: BaseException) -> str:

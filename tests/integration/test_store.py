@@ -66,8 +66,10 @@ def test_begin_marks_running_and_reads_fields(store):
     assert (verdict, status, values) == ("run", "running", ['{"x":1}', None])
     # Another message (another task id) for the same step while it runs: busy.
     assert store.begin_step(rid, "a", "t2", True, rec("running", "t2"), None, [])[0] == "busy"
-    # The same message delivered again (worker lost): it may run the step.
-    assert store.begin_step(rid, "a", "t1", True, rec("running"), None, [])[0] == "run"
+    # The same message delivered again (worker lost): it may run the step, and the new
+    # running record counts the death (max_deliveries).
+    verdict, _status, again, _ = store.begin_step(rid, "a", "t1", True, rec("running"), None, [])
+    assert verdict == "lost" and again["lost"] == 1 and again["lost_why"] == "died"
 
 
 def test_complete_is_compare_and_set(store):
