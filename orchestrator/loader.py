@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,7 @@ from .model import (
     VariableResource,
     WaitStep,
 )
-from .settings import Settings
+from .settings import Settings, get_settings
 from .yamlsource import (
     SourceDoc,
     format_path,
@@ -65,6 +65,10 @@ KINDS: dict[str, type] = {
     "Service": ServiceResource,
     "EventSubscription": EventSubscriptionResource,
 }
+
+#: Deepest nesting of steps in steps (a top-level step is level 1; a sequence, parallel
+#: branch, forEach body, switch case, try/catch/finally block or compensation is one more).
+MAX_STEP_NESTING = 32
 
 Resource = (
     FlowResource | ScheduleResource | VariableResource | ServiceResource | EventSubscriptionResource
@@ -99,9 +103,10 @@ def load(
         raise DefinitionError(str(exc)) from exc
     docs: list[SourceDoc] = []
     problems: list[Problem] = []
+    max_bytes = _settings(settings).max_definition_bytes
     for f in files:
         try:
-            docs.extend(load_path(f))
+            docs.extend(load_path(f, max_bytes))
         except DefinitionError as exc:
             problems.extend(exc.problems)
     return _build(docs, problems, settings)
@@ -111,7 +116,12 @@ def load_string(
     text: str, file: str | None = None, settings: Settings | None = None
 ) -> list[Loaded]:
     """Every resource in a YAML/JSON text."""
-    return _build(load_text(text, file), [], settings)
+    return _build(load_text(text, file, _settings(settings).max_definition_bytes), [], settings)
+
+
+def _settings(settings: Settings | None) -> Settings:
+    """The settings given, or the process's (read when a definition is, not at import)."""
+    return settings if settings is not None else get_settings()
 
 
 def _build(
@@ -138,9 +148,30 @@ def _build(
             continue
         seen[ident] = doc
         out.append(loaded)
+    if not problems:
+        problems += _cycle_problems(out)
     if problems:
         raise DefinitionError(problems)
     return out
+
+
+def _cycle_problems(loaded: list[Loaded]) -> list[Problem]:
+    """A subflow cycle among flows loaded together, at the step that closes it."""
+    flows = {lr.name: lr for lr in loaded if isinstance(lr.resource, FlowResource)}
+    calls = {name: subflow_calls(lr.resource) for name, lr in flows.items()}  # type: ignore[arg-type]
+    cycle = find_subflow_cycle({name: set(c) for name, c in calls.items()})
+    if cycle is None:
+        return []
+    path = calls[cycle[0]][cycle[1]]
+    source = flows[cycle[0]].source
+    return [
+        Problem(
+            subflow_cycle_message(cycle),
+            source.file if source else None,
+            source.line_of(path) if source else None,
+            format_path(path),
+        )
+    ]
 
 
 def parse_document(
@@ -211,6 +242,135 @@ def validate_flow(resource: FlowResource, settings: Settings | None = None) -> N
     found = check_flow(resource, settings)
     if found:
         raise DefinitionError([Problem(m, None, None, format_path(p)) for p, m in found])
+
+
+# -- subflow cycles ----------------------------------------------------------------------
+
+
+def subflow_calls(flow: FlowResource) -> dict[str, Path]:
+    """The flows ``flow`` starts as subflows, each with the path of the first step that does.
+
+    Subflow names are literal (``flow: NAME``), so this is the flow's static call graph.
+    """
+    calls: dict[str, Path] = {}
+    spec = flow.spec
+    stack: list[tuple[AnyStep, Path]] = []
+    for key, steps in (("onFailure", spec.on_failure or []), ("steps", spec.steps)):
+        stack += [(s, ("spec", key, i)) for i, s in reversed(list(enumerate(steps)))]
+    while stack:  # iterative, depth first, in document order
+        step, path = stack.pop()
+        if isinstance(step, SubflowStep):
+            calls.setdefault(step.flow, (*path, "flow"))
+        stack += reversed(list(_children(step, path)))
+    return calls
+
+
+def _children(step: AnyStep, path: Path) -> Iterator[tuple[AnyStep, Path]]:
+    """The steps directly inside ``step``, each with its path in the document.
+
+    Unlike :func:`_nested`, a single step (``compensate``, a ``do`` that is not a list)
+    gets the path it is written at, so its line can be found.
+    """
+    for sub, subpath, _depth in _nested(step, path, 0):
+        single = subpath[-1] == "compensate" or (
+            subpath[-1] == "do" and not isinstance(getattr(step, "do", None), list)
+        )
+        if single:
+            yield sub[0], subpath
+        else:
+            yield from ((s, (*subpath, i)) for i, s in enumerate(sub))
+
+
+def find_subflow_cycle(
+    calls: Mapping[str, Iterable[str]], through: Iterable[str] | None = None
+) -> list[str] | None:
+    """A shortest cycle of flows that start each other as subflows, as ``[a, b, a]``.
+
+    ``calls`` maps a flow's name to the names of the flows it starts (a name missing from
+    it starts none). Only cycles through a flow of ``through`` (default: every flow in
+    ``calls``) count, so cycles that were deployed before do not block an unrelated deploy.
+    None when there is none. Iterative and linear in the size of ``calls``: the flows on
+    some cycle are found first, then one breadth-first walk from the first of ``through``
+    among them.
+    """
+    cyclic = _on_cycles(calls)
+    for start in sorted(calls if through is None else set(through)):
+        if start not in cyclic:
+            continue
+        parent: dict[str, str] = {}
+        frontier = sorted(set(calls.get(start, ())))
+        for name in frontier:
+            parent.setdefault(name, start)
+        while frontier:
+            if start in parent:
+                break
+            following: list[str] = []
+            for name in frontier:
+                for nxt in sorted(set(calls.get(name, ()))):
+                    if nxt not in parent:
+                        parent[nxt] = name
+                        following.append(nxt)
+            frontier = following
+        if start in parent:
+            cycle = [start]
+            node = parent[start]
+            while node != start:
+                cycle.append(node)
+                node = parent[node]
+            cycle.append(start)
+            return [cycle[0], *reversed(cycle[1:-1]), start]
+    return None
+
+
+def _on_cycles(calls: Mapping[str, Iterable[str]]) -> set[str]:
+    """The flows that lie on some cycle (Tarjan's strongly connected components, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: set[str] = set()
+
+    def enter(node: str) -> tuple[str, Iterator[str]]:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        return node, iter(sorted(set(calls.get(node, ()))))
+
+    for root in sorted(calls):
+        if root in index:
+            continue
+        work = [enter(root)]
+        while work:
+            node, following = work[-1]
+            for nxt in following:
+                if nxt not in index:
+                    work.append(enter(nxt))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:  # every call of ``node`` is walked
+                work.pop()
+                if work:
+                    caller = work[-1][0]
+                    low[caller] = min(low[caller], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1 or node in set(calls.get(node, ())):
+                        out.update(component)
+    return out
+
+
+def subflow_cycle_message(cycle: list[str]) -> str:
+    return (
+        f"subflow cycle: {' → '.join(cycle)} (a flow may not start itself, directly or "
+        "through other flows)"
+    )
 
 
 def version_of(resource: Resource) -> str:
@@ -363,6 +523,8 @@ class _FlowChecker:
     def run(self) -> None:
         spec = self.flow.spec
         base: Path = ("spec",)
+        if self._too_deep():  # the checks below recurse once per level
+            return
         self._index(spec.steps, (*base, "steps"), 0)
         if spec.on_failure:
             self._index(spec.on_failure, (*base, "onFailure"), 0)
@@ -378,6 +540,26 @@ class _FlowChecker:
                     ((*base, "inputs", name), "an input cannot be both required and have a default")
                 )
         self._limits()
+
+    def _too_deep(self) -> bool:
+        """Whether steps nest deeper than MAX_STEP_NESTING (checked without recursion)."""
+        spec = self.flow.spec
+        stack: list[tuple[AnyStep, Path, int]] = []
+        for key, steps in (("steps", spec.steps), ("onFailure", spec.on_failure or [])):
+            stack += [(s, ("spec", key, i), 1) for i, s in enumerate(steps)]
+        while stack:
+            step, path, level = stack.pop()
+            if level > MAX_STEP_NESTING:
+                self.problems.append(
+                    (
+                        path,
+                        f"steps are nested more than {MAX_STEP_NESTING} levels deep "
+                        "(a step inside a step is one level more); refusing the flow",
+                    )
+                )
+                return True
+            stack += [(s, p, level + 1) for s, p in _children(step, path)]
+        return False
 
     def _index(self, steps: list[AnyStep], path: Path, depth: int) -> None:
         for i, step in enumerate(steps):
@@ -424,6 +606,7 @@ class _FlowChecker:
                 self.problems.append(((*path, "parallel"), "branch ids must differ"))
         elif isinstance(step, ForEachStep):
             self._refs(step.for_each, (*path, "forEach"), before, sid)
+            self._foreach_literal(step, (*path, "forEach"))
             body = step.do if isinstance(step.do, list) else [step.do]
             self._block(body, (*path, "do"), before)
         elif isinstance(step, SwitchStep):
@@ -489,6 +672,25 @@ class _FlowChecker:
                 self._refs(w.run, (*path, "wait", "run"), before, sid)
         if step.compensate is not None:
             self._step(step.compensate, (*path, "compensate"), before | {sid} | self._inside(step))
+
+    def _foreach_literal(self, step: ForEachStep, path: Path) -> None:
+        """A forEach over a static list longer than max_foreach_items would fail every run."""
+        try:
+            template = expressions.parse_condition(step.for_each)
+            if template.names():  # reads inputs, steps, ...: known only at run time
+                return
+            items = template.evaluate({})
+        except ExpressionError:  # reported by _refs, or by the run as it would be now
+            return
+        limit = _settings(self.settings).max_foreach_items
+        if isinstance(items, list) and len(items) > limit:
+            self.problems.append(
+                (
+                    path,
+                    f"step {step.id!r}: forEach over {len(items):,} items, over the limit of "
+                    f"{limit:,} (ORCHESTRATOR_MAX_FOREACH_ITEMS)",
+                )
+            )
 
     def _inside(self, step: AnyStep) -> set[str]:
         """Steps nested in ``step`` at its own forEach depth (readable after it ends)."""

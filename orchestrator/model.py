@@ -8,6 +8,7 @@ serialises to the same YAML a user would write.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,21 +34,48 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+#: The longest duration a definition may give (100 years): a sleep or timeout that
+#: long is a mistake, and one much longer would overflow a date (year 9999) or an int.
+MAX_DURATION_S = 36_500 * 86_400.0
+
+
 def parse_duration(value: Any) -> float:
-    """Seconds from ``250ms``, ``1.5s``, ``10m``, ``48h``, ``2d`` or a bare number."""
+    """Seconds from ``250ms``, ``1.5s``, ``10m``, ``48h``, ``2d`` or a bare number.
+
+    NaN, infinities, negative values and anything over :data:`MAX_DURATION_S` are
+    refused (a ``ValueError``, which pydantic reports at the field).
+    """
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 250ms, 10m, 48h or a number of seconds")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    else:
-        raise ValueError(
-            f"expected a duration like 30s, 250ms, 10m, 48h or a number of seconds; got {value!r}"
-        )
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+            seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        else:
+            raise ValueError(
+                "expected a duration like 30s, 250ms, 10m, 48h or a number of seconds; "
+                f"got {value!r}"
+            )
+    except OverflowError:  # an int with hundreds of digits
+        seconds = math.inf
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"a duration must be a finite number of seconds; got {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(
+            f"a duration can be at most {format_duration(MAX_DURATION_S)} (100 years); "
+            f"got {_shown(value)}"
+        )
     return seconds
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return "a number of over 38 digits"  # repr() of a huge int may even raise
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def format_duration(seconds: float) -> str | float:
@@ -70,10 +98,11 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "number", "minimum": 0},
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION_S},
                 {"type": "string", "pattern": DURATION_PATTERN},
             ],
-            "description": "a duration: 250ms, 1.5s, 10m, 48h, 2d, or a number of seconds",
+            "description": "a duration: 250ms, 1.5s, 10m, 48h, 2d, or a number of seconds "
+            "(at most 36500d)",
         }
     ),
 ]

@@ -8,6 +8,11 @@ composes the documents with PyYAML's ``SafeLoader`` (never a loader that can bui
 objects), builds the plain values itself from the node tree while recording the line of every
 mapping key and sequence item, and translates pydantic's ``ValidationError`` into
 :class:`~orchestrator.errors.Problem` objects that point at the real place in the file.
+
+What a definition may cost is bounded before anything big or recursive runs: a size limit
+(``max_bytes``, checked before a file is read in full), a nesting limit
+(:data:`MAX_NESTING`, checked while YAML is composed and, for JSON, by a scan of the text
+before ``json.loads``), and a limit on what aliases may expand to (:data:`MAX_ALIAS_NODES`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import pathlib
 import re
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +35,7 @@ from .errors import DefinitionError, Problem
 
 __all__ = [
     "MAX_ALIAS_NODES",
+    "MAX_NESTING",
     "SourceDoc",
     "format_path",
     "iter_definition_files",
@@ -41,6 +48,9 @@ KeyPath = tuple[str | int, ...]
 
 #: How many nodes alias expansion may add to one document before it is refused.
 MAX_ALIAS_NODES = 10_000
+#: Deepest nesting of mappings and lists in one document (the document itself is level 1).
+#: Deeper ones are refused before any recursive code (composer, json, pydantic) sees them.
+MAX_NESTING = 100
 DEFINITION_SUFFIXES = (".yaml", ".yml", ".json")
 
 _TAG = "tag:yaml.org,2002:"
@@ -96,6 +106,46 @@ class _Refused(Exception):
         self.problem = problem
 
 
+class _TooDeep(Exception):
+    """The composer reached a collection nested deeper than :data:`MAX_NESTING`."""
+
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _too_deep(file: str | None, line: int | None, path: str = "") -> Problem:
+    return Problem(
+        f"the document is nested more than {MAX_NESTING} levels deep (mappings and lists); "
+        "refusing it",
+        file,
+        line,
+        path,
+    )
+
+
+class _Loader(yaml.SafeLoader):
+    """``SafeLoader`` whose composer refuses to go deeper than :data:`MAX_NESTING`.
+
+    PyYAML's parser is iterative but its composer recurses once per level, so without
+    this a deep document is a ``RecursionError`` (or a crash) instead of a problem.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise _TooDeep(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _tag_name(tag: str) -> str:
     return "!!" + tag[len(_TAG) :] if tag.startswith(_TAG) else tag
 
@@ -126,6 +176,8 @@ class _Builder:
             return self.scalar(node, path)
         if id(node) in self.active:
             raise _Refused(self.problem("an alias refers to a node that contains it", node, path))
+        if len(path) >= MAX_NESTING:  # the composer checked; an alias can still go deeper
+            raise _Refused(_too_deep(self.file, node.start_mark.line + 1, format_path(path)))
         self.active.add(id(node))
         try:
             if isinstance(node, SequenceNode) and node.tag == _TAG + "seq":
@@ -236,9 +288,29 @@ def _syntax_error(err: yaml.YAMLError, file: str | None) -> _SyntaxError:
     return _SyntaxError([Problem(f"invalid YAML: {err}", file)])
 
 
-def load_text(text: str, file: str | None = None) -> list[SourceDoc]:
-    """Every non-empty document of ``text``; raises :class:`DefinitionError` with all problems."""
-    loader = yaml.SafeLoader(text)
+def _size_problem(size: int, max_bytes: int, file: str | None, what: str) -> Problem:
+    return Problem(
+        f"the {what} is {size:,} bytes, over the limit of {max_bytes:,} "
+        "(ORCHESTRATOR_MAX_DEFINITION_BYTES)",
+        file,
+    )
+
+
+def _check_text_size(text: str, file: str | None, max_bytes: int | None) -> None:
+    if max_bytes is None or len(text) * 4 <= max_bytes:  # UTF-8 is at most 4 bytes a character
+        return
+    size = len(text) if len(text) > max_bytes else len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise DefinitionError([_size_problem(size, max_bytes, file, "definition")])
+
+
+def load_text(text: str, file: str | None = None, max_bytes: int | None = None) -> list[SourceDoc]:
+    """Every non-empty document of ``text``; raises :class:`DefinitionError` with all problems.
+
+    ``max_bytes``: a text longer than this (in UTF-8) is refused before it is parsed.
+    """
+    _check_text_size(text, file, max_bytes)
+    loader = _Loader(text)
     docs: list[SourceDoc] = []
     problems: list[Problem] = []
     index = 0
@@ -263,6 +335,8 @@ def load_text(text: str, file: str | None = None) -> list[SourceDoc]:
                 problems.append(_not_a_mapping(data, file, line))
                 continue
             docs.append(SourceDoc(data, file, index - 1, line, builder.lines))
+    except _TooDeep as deep:
+        problems.append(_too_deep(file, deep.line))
     except yaml.YAMLError as err:
         raise _syntax_error(err, file) from None
     except RecursionError:
@@ -274,12 +348,41 @@ def load_text(text: str, file: str | None = None) -> list[SourceDoc]:
     return docs
 
 
+#: A JSON string (escapes included; an unterminated one runs to the end) or a bracket: what
+#: the nesting scan looks at. Possessive, so no input makes it backtrack.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+
+
+def _json_too_deep(text: str) -> int | None:
+    """The line where ``text`` nests deeper than :data:`MAX_NESTING`, if it does.
+
+    A scan of brackets outside strings, so ``json.loads`` (which recurses per level) never
+    sees a document too deep for it.
+    """
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return text.count("\n", 0, match.start()) + 1
+        elif token in "]}":
+            depth -= 1
+    return None
+
+
 def _load_json(text: str, file: str | None) -> list[SourceDoc]:
     """JSON through the YAML path for lines, but with JSON's own reading of the values."""
+    deep_at = _json_too_deep(text)
+    if deep_at is not None:
+        raise DefinitionError([_too_deep(file, deep_at)])
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DefinitionError([Problem(f"invalid JSON: {err.msg}", file, err.lineno)]) from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        reason = str(err).split(";")[0]
+        raise DefinitionError([Problem(f"invalid JSON: {reason}", file)]) from None
     try:
         docs = load_text(text, file)  # also reports duplicate keys, which json.loads hides
     except _SyntaxError:  # YAML 1.1 misreads a little JSON (e.g. "\/"): no lines beyond line 1
@@ -290,11 +393,31 @@ def _load_json(text: str, file: str | None) -> list[SourceDoc]:
     return docs[:1]
 
 
-def load_path(path: str | os.PathLike[str]) -> list[SourceDoc]:
-    """Every document of a YAML or JSON file; raises :class:`DefinitionError` if unreadable."""
+def load_path(path: str | os.PathLike[str], max_bytes: int | None = None) -> list[SourceDoc]:
+    """Every document of a YAML or JSON file; raises :class:`DefinitionError` if unreadable.
+
+    ``max_bytes``: a bigger file is refused before it is read (a pipe or device, whose
+    size is not known, is read up to one byte over the limit).
+    """
     file = os.fspath(path)
     try:
-        text = pathlib.Path(file).read_text(encoding="utf-8")
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+            if max_bytes is not None and regular and size > max_bytes:
+                raise DefinitionError([_size_problem(size, max_bytes, file, "file")])
+            raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise DefinitionError(
+                [
+                    Problem(
+                        f"the file is over the limit of {max_bytes:,} bytes "
+                        "(ORCHESTRATOR_MAX_DEFINITION_BYTES)",
+                        file,
+                    )
+                ]
+            )
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 text ({err.reason})"
         raise DefinitionError([Problem(f"cannot read the file: {reason}", file)]) from err

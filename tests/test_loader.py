@@ -525,3 +525,317 @@ def test_version_changes_with_content() -> None:
     (three,) = load_string(flow_text("- {id: a, task: x.a, timeout: 5s}\n"))
     versions = {version_of(x.resource) for x in (one, two, three)}
     assert len(versions) == 3
+
+
+# -- limits: durations, size, nesting ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "yaml_value", "path"),
+    [
+        ("timeout: .nan", "nan", "spec.steps[0].timeout"),
+        ("timeout: .inf", "inf", "spec.steps[0].timeout"),
+        ("timeout: -.inf", "-inf", "spec.steps[0].timeout"),
+        ("retry: {initialDelay: .nan}", "nan", "spec.steps[0].retry.initialDelay"),
+        ("retry: {maxDelay: .inf}", "inf", "spec.steps[0].retry.maxDelay"),
+    ],
+)
+def test_nan_and_infinite_durations_are_problems_at_their_field(field, yaml_value, path) -> None:
+    p = only(flow_text(f"- id: a\n  task: x.a\n  {field}\n"))
+    assert (p.file, p.line, p.path) == ("flows/demo.yaml", 9, path)
+    assert p.message == f"a duration must be a finite number of seconds; got {yaml_value}"
+
+
+def test_every_kind_of_duration_is_checked_in_a_document() -> None:
+    text = flow_text(
+        """
+        - {id: s, sleep: .inf}
+        - {id: w, wait: {signal: go, timeout: .nan}}
+        - {id: ap, approval: {approvers: [a], timeout: -1s}}
+        - {id: r, task: x.r, retry: {initialDelay: -1}}
+        - {id: big, task: x.b, timeout: 36501d}
+        """
+    ).replace("spec:\n", "spec:\n  defaults: {timeout: .nan}\n")
+    found = {p.path: p.line for p in problems(text)}
+    assert found == {
+        "spec.defaults.timeout": 6,
+        "spec.steps[0].sleep": 8,
+        "spec.steps[1].wait.timeout": 9,
+        "spec.steps[2].approval.timeout": 10,
+        "spec.steps[3].retry.initialDelay": 11,
+        "spec.steps[4].timeout": 12,
+    }
+
+
+def test_nan_duration_in_json_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "nan.json"
+    path.write_text(
+        '{"apiVersion": "orchestrator/v1", "kind": "Flow", "metadata": {"name": "n"},\n'
+        ' "spec": {"steps": [\n'
+        '   {"id": "a", "task": "x.a", "timeout": NaN},\n'
+        '   {"id": "b", "sleep": Infinity}]}}\n'
+    )
+    with pytest.raises(DefinitionError) as info:
+        load(path)
+    found = [(p.line, p.path, p.message) for p in info.value.problems]
+    assert found == [
+        (3, "spec.steps[0].timeout", "a duration must be a finite number of seconds; got nan"),
+        (4, "spec.steps[1].sleep", "a duration must be a finite number of seconds; got inf"),
+    ]
+
+
+def test_service_timeout_is_checked_too() -> None:
+    text = (
+        "apiVersion: orchestrator/v1\nkind: Service\nmetadata: {name: s}\n"
+        "spec:\n  address: https://example.com\n  timeout: .nan\n"
+    )
+    p = only(text)
+    assert (p.line, p.path) == (6, "spec.timeout")
+
+
+def _padded(size: int) -> str:
+    text = flow_text("- {id: a, task: x.a}\n")
+    return text + "#" * (size - len(text) - 1) + "\n"
+
+
+def test_load_string_refuses_text_over_max_definition_bytes() -> None:
+    settings = Settings(max_definition_bytes=2048)
+    assert load_string(_padded(2048), settings=settings)
+    p = only(_padded(2049), settings=settings)
+    assert p.file == "flows/demo.yaml"
+    assert p.message == (
+        "the definition is 2,049 bytes, over the limit of 2,048 (ORCHESTRATOR_MAX_DEFINITION_BYTES)"
+    )
+
+
+def test_load_refuses_files_over_max_definition_bytes(tmp_path: Path) -> None:
+    (tmp_path / "ok.yaml").write_text(_padded(2048))
+    (tmp_path / "big.yaml").write_text(_padded(5000).replace("demo", "bigg"))
+    with pytest.raises(DefinitionError) as info:
+        load(tmp_path, Settings(max_definition_bytes=2048))
+    (p,) = info.value.problems
+    assert p.file == str(tmp_path / "big.yaml")
+    assert "5,000 bytes, over the limit of 2,048 (ORCHESTRATOR_MAX_DEFINITION_BYTES)" in p.message
+
+
+def test_without_settings_the_limit_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator.settings import get_settings
+
+    monkeypatch.setenv("ORCHESTRATOR_MAX_DEFINITION_BYTES", "1024")
+    get_settings.cache_clear()
+    try:
+        p = only(_padded(1025))
+        assert "over the limit of 1,024" in p.message
+        assert load_string(_padded(1024))
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_a_deeply_nested_document_is_refused_naming_the_limit() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    p = only(flow_text(f"- {{id: a, task: x.a, with: {{v: {deep}}}}}\n"))
+    assert (p.file, p.line) == ("flows/demo.yaml", 7)
+    assert "nested more than 100 levels deep" in p.message
+
+
+def _nested_steps(levels: int) -> dict:
+    """A flow whose steps nest ``levels`` deep, through every kind of step that holds steps."""
+    step: dict = {"id": "leaf", "task": "x.leaf", "with": {"v": [1, {"k": 2}]}}
+    for i in range(levels - 1):
+        kind = i % 7
+        if kind == 0:
+            step = {"id": f"seq{i}", "steps": [step]}
+        elif kind == 1:
+            step = {"id": f"par{i}", "parallel": [step, {"id": f"p{i}", "task": "x.p"}]}
+        elif kind == 2:
+            step = {"id": f"try{i}", "try": [step], "catch": [{"id": f"c{i}", "task": "x.c"}]}
+        elif kind == 3:
+            step = {"id": f"each{i}", "forEach": "${inputs.items}", "do": step}
+        elif kind == 4:
+            step = {"id": f"t{i}", "task": "x.t", "compensate": step}
+        elif kind == 5:
+            step = {"id": f"sw{i}", "switch": [{"when": "${inputs.x}", "steps": [step]}]}
+        else:
+            step = {"id": f"fin{i}", "try": [{"id": f"f{i}", "task": "x.f"}], "finally": [step]}
+    return {
+        "apiVersion": "orchestrator/v1",
+        "kind": "Flow",
+        "metadata": {"name": "deep"},
+        "spec": {"steps": [step]},
+    }
+
+
+def test_steps_nested_to_the_limit_load_compile_and_draw() -> None:
+    import json
+
+    from orchestrator.app import create_app
+    from orchestrator.compiler import Plan, describe, render_canvas
+    from orchestrator.graph import to_dot, to_mermaid
+    from orchestrator.loader import MAX_STEP_NESTING
+
+    (loaded,) = load_string(json.dumps(_nested_steps(MAX_STEP_NESTING)))
+    flow = loaded.resource
+    settings = Settings()
+    plan = Plan(flow, version_of(flow), settings)
+    assert plan.nodes["leaf"]
+    app = create_app(settings, set_as_current=False)
+    try:
+        described = describe(plan, app)
+        assert "leaf" in described["steps"] and render_canvas(described["canvas"])
+    finally:
+        app.close()
+    assert "leaf" in to_mermaid(flow) and "leaf" in to_dot(flow)
+    assert FlowResource.model_validate(flow.document()) == flow
+
+
+def test_steps_nested_beyond_the_limit_are_refused() -> None:
+    import json
+
+    from orchestrator.loader import MAX_STEP_NESTING
+
+    text = json.dumps(_nested_steps(MAX_STEP_NESTING + 1), indent=1)
+    p = only(text)
+    assert p.message == (
+        f"steps are nested more than {MAX_STEP_NESTING} levels deep (a step inside a step is "
+        "one level more); refusing the flow"
+    )
+    assert p.path.startswith("spec.steps[0].do.try[0].parallel[0].steps[0].finally[0].switch[0]")
+    assert '"id": "leaf"' in text.splitlines()[p.line]  # the 33rd level is the leaf
+
+
+def test_a_flow_built_in_python_nested_500_deep_is_a_definition_error() -> None:
+    from orchestrator.loader import validate_flow
+    from orchestrator.model import FlowSpec, Metadata, SequenceStep
+
+    step: TaskStep | SequenceStep = TaskStep(id="leaf", task="x.leaf")
+    for i in range(500):
+        step = SequenceStep(id=f"s{i}", steps=[step])
+    flow = FlowResource(metadata=Metadata(name="deep"), spec=FlowSpec(steps=[step]))
+    with pytest.raises(DefinitionError, match="steps are nested more than 32 levels deep"):
+        validate_flow(flow)
+
+
+# -- forEach over a literal list ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("items", ["${[1, 2, 3, 4]}", "[1, 2, 3, 4]", "${[0] * 4}"])
+def test_foreach_over_a_static_list_longer_than_the_limit_is_refused(items) -> None:
+    text = flow_text(f'- {{id: each, forEach: "{items}", do: {{id: d, task: x.d}}}}\n')
+    p = only(text, settings=Settings(max_foreach_items=3))
+    assert (p.line, p.path) == (7, "spec.steps[0].forEach")
+    assert p.message == (
+        "step 'each': forEach over 4 items, over the limit of 3 (ORCHESTRATOR_MAX_FOREACH_ITEMS)"
+    )
+
+
+@pytest.mark.parametrize("items", ["${[1, 2, 3]}", "${inputs.items}", "${[inputs.a] * 9}"])
+def test_foreach_within_the_limit_or_known_only_at_run_time_loads(items) -> None:
+    text = flow_text(f'- {{id: each, forEach: "{items}", do: {{id: d, task: x.d}}}}\n')
+    assert load_string(text, settings=Settings(max_foreach_items=3))
+
+
+# -- subflow cycles ------------------------------------------------------------------------
+
+
+def test_a_flow_that_starts_itself_is_refused() -> None:
+    p = only(
+        flow_text(
+            """
+            - {id: a, task: x.a}
+            - id: again
+              flow: demo
+            """
+        )
+    )
+    assert (p.file, p.line, p.path) == ("flows/demo.yaml", 9, "spec.steps[1].flow")
+    assert p.message == (
+        "subflow cycle: demo → demo (a flow may not start itself, directly or through other flows)"
+    )
+
+
+def test_flows_that_start_each_other_are_refused_wherever_the_call_is() -> None:
+    a = flow_text(
+        """
+        - id: choose
+          switch:
+            - when: ${inputs.go}
+              steps:
+                - {id: call, flow: bee}
+        """
+    )
+    b = flow_text(
+        "- {id: t, try: [{id: x, task: x.x}], catch: [{id: back, flow: demo}]}\n",
+        HEAD.replace("demo", "bee"),
+    )
+    found = problems(b + "---\n" + a)
+    assert [(p.line, p.path) for p in found] == [(7, "spec.steps[0].catch[0].flow")]
+    assert found[0].message.startswith("subflow cycle: bee → demo → bee ")
+
+
+def test_a_chain_of_subflows_without_a_cycle_loads() -> None:
+    a = flow_text("- {id: call, flow: bee}\n")
+    b = flow_text("- {id: call, flow: sea}\n", HEAD.replace("demo", "bee"))
+    c = flow_text("- {id: work, task: x.w}\n", HEAD.replace("demo", "sea"))
+    assert len(load_string(a + "---\n" + b + "---\n" + c)) == 3
+
+
+def test_subflow_calls_are_found_in_every_kind_of_block() -> None:
+    from orchestrator.loader import subflow_calls
+
+    text = (
+        flow_text(
+            """
+        - id: p
+          parallel:
+            - {id: p1, flow: one}
+            - {id: p2, steps: [{id: s1, flow: two}]}
+        - id: e
+          forEach: ${inputs.items}
+          do: {id: each, flow: three}
+        - {id: t, task: x.t, compensate: {id: undo, flow: four}}
+        - {id: again, flow: one}
+        """
+        )
+        + "  onFailure:\n    - {id: alarm, flow: five}\n"
+    )
+    (loaded,) = load_string(text)
+    assert subflow_calls(loaded.resource) == {
+        "one": ("spec", "steps", 0, "parallel", 0, "flow"),
+        "two": ("spec", "steps", 0, "parallel", 1, "steps", 0, "flow"),
+        "three": ("spec", "steps", 1, "do", "flow"),
+        "four": ("spec", "steps", 2, "compensate", "flow"),
+        "five": ("spec", "onFailure", 0, "flow"),
+    }
+
+
+def test_find_subflow_cycle() -> None:
+    from orchestrator.loader import find_subflow_cycle
+
+    assert find_subflow_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_subflow_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_subflow_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    assert find_subflow_cycle({"a": {"missing"}}) is None
+    # Only cycles through the given flows count: b ⇄ c was there before a.
+    calls = {"a": {"b"}, "b": {"c"}, "c": {"b"}}
+    assert find_subflow_cycle(calls, through=["a"]) is None
+    assert find_subflow_cycle(calls, through=["a", "c"]) == ["c", "b", "c"]
+    # The shortest cycle through a flow is named.
+    assert find_subflow_cycle({"a": {"b", "z"}, "b": {"c"}, "c": {"a"}, "z": {"a"}}) == [
+        "a",
+        "z",
+        "a",
+    ]
+
+
+def test_find_subflow_cycle_walks_long_chains_without_recursion() -> None:
+    from orchestrator.loader import find_subflow_cycle
+
+    n = 50_000
+    calls = {f"f{i}": {f"f{i + 1}"} for i in range(n)}
+    assert find_subflow_cycle(calls) is None
+    calls[f"f{n}"] = {"f0"}
+    cycle = find_subflow_cycle(calls, through=["f0"])
+    assert cycle is not None and len(cycle) == n + 2 and cycle[0] == cycle[-1] == "f0"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-from pydantic import TypeAdapter, ValidationError
+import math
+import typing
 
+import pytest
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from orchestrator import model
 from orchestrator.model import (
+    MAX_DURATION_S,
     FlowResource,
     Metadata,
     ParallelStep,
@@ -51,6 +56,75 @@ def test_parse_duration(text, seconds) -> None:
 def test_parse_duration_rejects(bad) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (math.nan, "a duration must be a finite number of seconds; got nan"),
+        (math.inf, "a duration must be a finite number of seconds; got inf"),
+        (-math.inf, "a duration must be a finite number of seconds; got -inf"),
+        pytest.param(
+            10**400, "at most 36500d (100 years); got a number of over 38 digits", id="1e400"
+        ),
+        pytest.param(
+            10**5000, "at most 36500d (100 years); got a number of over 38 digits", id="1e5000"
+        ),
+        pytest.param("9" * 400 + "d", "at most 36500d (100 years)", id="400-digit-days"),  # inf
+        ("36501d", "at most 36500d (100 years); got '36501d'"),
+        (MAX_DURATION_S + 1, "at most 36500d"),
+    ],
+)
+def test_parse_duration_rejects_nan_infinity_and_absurd_lengths(bad, message) -> None:
+    with pytest.raises(ValueError) as info:  # a ValueError: pydantic reports it at the field
+        parse_duration(bad)
+    assert message in str(info.value)
+
+
+def test_the_longest_duration_is_accepted_and_written_back() -> None:
+    assert parse_duration("36500d") == MAX_DURATION_S
+    assert format_duration(parse_duration("36500d")) == "36500d"
+
+
+def _duration_fields() -> list[tuple[type[BaseModel], str]]:
+    """Every field of every model in orchestrator.model whose type is a Duration."""
+    found = []
+    for cls in vars(model).values():
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            continue
+        for name, info in cls.model_fields.items():
+            if any(
+                getattr(m, "func", None) is parse_duration
+                for arg in (info.annotation, *typing.get_args(info.annotation))
+                for m in (*info.metadata, *getattr(arg, "__metadata__", ()))
+            ):
+                found.append((cls, info.alias or name))
+    return found
+
+
+def test_every_duration_field_is_found() -> None:
+    # The fields the next test checks; a new duration field shows up here.
+    names = {(cls.__name__, field) for cls, field in _duration_fields()}
+    for expected in [
+        ("RetryPolicy", "initialDelay"),
+        ("RetryPolicy", "maxDelay"),
+        ("StepOptions", "timeout"),
+        ("TaskStep", "timeout"),
+        ("ApprovalSpec", "timeout"),
+        ("SleepStep", "sleep"),
+        ("WaitSpec", "timeout"),
+        ("ServiceSpec", "timeout"),
+    ]:
+        assert expected in names
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1, "-1s", "36501d"])
+def test_every_duration_field_refuses_nan_infinity_and_negatives(bad) -> None:
+    for cls, field in _duration_fields():
+        with pytest.raises(ValidationError) as info:
+            cls.model_validate({field: bad})
+        located = [e for e in info.value.errors() if e["loc"] == (field,)]
+        assert located, (cls.__name__, field, info.value.errors())
 
 
 def test_duration_error_says_what_is_expected() -> None:

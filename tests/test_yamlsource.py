@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
+import threading
+import time
+import tracemalloc
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -12,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.errors import DefinitionError, Problem
 from orchestrator.yamlsource import (
     MAX_ALIAS_NODES,
+    MAX_NESTING,
     SourceDoc,
     format_path,
     iter_definition_files,
@@ -258,6 +263,75 @@ def test_recursive_alias_is_refused() -> None:
     assert "contains it" in problem.message
 
 
+def test_billion_laughs_is_refused_quickly_and_in_little_memory() -> None:
+    # Nine levels of ten aliases: 10**9 strings if expanded. Composing keeps aliases as
+    # references; building stops after MAX_ALIAS_NODES copies.
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level, prev in zip("bcdefghij", "abcdefghi", strict=True):
+        lines.append(f"{level}: &{level} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    text = "kind: Flow\n" + "\n".join(lines) + "\n"
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DefinitionError, match="aliases expand to over"):
+            load_text(text, "bomb.yaml")
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 5 and peak < 50 * 2**20, (elapsed, peak)
+
+
+def test_merge_keys_count_towards_alias_expansion() -> None:
+    lines = ["a: &a {" + ", ".join(f"k{i}: {i}" for i in range(100)) + "}"]
+    for level, prev in zip("bcdef", "abcde", strict=True):
+        lines.append(
+            f"{level}: &{level} [" + ", ".join(f"{{<<: *{prev}}}" for _ in range(10)) + "]"
+        )
+    with pytest.raises(DefinitionError, match="aliases expand to over"):
+        load_text("kind: Flow\n" + "\n".join(lines) + "\n")
+
+
+def _nested_yaml(levels: int) -> str:
+    """A document whose value ``v`` makes it ``levels`` mappings and lists deep."""
+    return "kind: Flow\nv: " + "[" * (levels - 1) + "]" * (levels - 1) + "\n"
+
+
+def test_nesting_up_to_the_limit_loads() -> None:
+    (doc,) = load_text(_nested_yaml(MAX_NESTING))
+    value, depth = doc.data, 1
+    value = value["v"]
+    while value:
+        value, depth = value[0], depth + 1
+    assert depth == MAX_NESTING - 1  # the innermost list is empty: level MAX_NESTING
+
+
+@pytest.mark.parametrize("levels", [MAX_NESTING + 1, 5_000, 200_000])
+def test_yaml_nested_beyond_the_limit_is_refused_naming_it(levels: int) -> None:
+    (problem,) = problems_of(_nested_yaml(levels), "deep.yaml")
+    assert problem.file == "deep.yaml" and problem.line == 2
+    assert problem.message == (
+        f"the document is nested more than {MAX_NESTING} levels deep (mappings and lists); "
+        "refusing it"
+    )
+
+
+def test_block_style_nesting_is_refused_too() -> None:
+    text = "".join("  " * i + f"k{i}:\n" for i in range(MAX_NESTING + 5)) + "  " * 105 + "x\n"
+    (problem,) = problems_of(text, "deep.yaml")
+    assert "nested more than 100 levels" in problem.message
+    assert problem.line == MAX_NESTING + 1
+
+
+def test_aliases_cannot_build_deeper_than_the_limit() -> None:
+    # Each anchor is 60 levels deep (within the limit); using one inside the other is 120.
+    inner = "[" * 59 + "]" * 59
+    text = f"kind: Flow\na: &a {inner}\nb: " + "[" * 59 + "*a" + "]" * 59 + "\n"
+    (problem,) = problems_of(text, "alias.yaml")
+    assert problem.message.startswith(f"the document is nested more than {MAX_NESTING} levels")
+    assert problem.path.startswith("b[0][0]")
+
+
 def test_all_structural_problems_of_a_file_are_reported_together() -> None:
     problems = problems_of("kind: Flow\nkind: Job\n---\n[1]\n")
     assert [p.line for p in problems] == [2, 4]
@@ -299,6 +373,91 @@ def test_invalid_json_reports_the_json_line(tmp_path: Path) -> None:
     (problem,) = info.value.problems
     assert (problem.file, problem.line) == (str(path), 3)
     assert problem.message.startswith("invalid JSON: ")
+
+
+@pytest.mark.parametrize("levels", [MAX_NESTING + 1, 100_000])
+def test_json_nested_beyond_the_limit_is_refused_before_json_loads(
+    tmp_path: Path, levels: int
+) -> None:
+    path = tmp_path / "deep.json"
+    value = "[" * levels + "]" * levels
+    path.write_text('{"kind": "Flow",\n "strings": "[[[{{{\\"[[[",\n "v": ' + value[1:-1] + "}")
+    with pytest.raises(DefinitionError) as info:
+        load_path(path)
+    (problem,) = info.value.problems
+    assert (problem.file, problem.line) == (str(path), 3)
+    assert f"nested more than {MAX_NESTING} levels deep" in problem.message
+
+
+def test_json_nested_to_the_limit_loads_and_brackets_in_strings_do_not_count(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "deep.json"
+    value = "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1)
+    path.write_text('{"kind": "Flow", "s": "[[[[\\"[[[[", "v": ' + value + "}")
+    (doc,) = load_path(path)
+    assert doc.data["s"] == '[[[["[[[['
+
+
+def test_json_with_an_integer_python_cannot_read_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text('{"kind": "Flow", "n": 1' + "0" * 5000 + "}")
+    with pytest.raises(DefinitionError) as info:
+        load_path(path)
+    (problem,) = info.value.problems
+    assert problem.message.startswith("invalid JSON: Exceeds the limit (4300 digits)")
+
+
+def test_file_over_max_bytes_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("kind: Flow\n" + "# padding\n" * 1000)
+    size = path.stat().st_size
+    with pytest.raises(DefinitionError) as info:
+        load_path(path, max_bytes=size - 1)
+    (problem,) = info.value.problems
+    assert problem.file == str(path)
+    assert problem.message == (
+        f"the file is {size:,} bytes, over the limit of {size - 1:,} "
+        "(ORCHESTRATOR_MAX_DEFINITION_BYTES)"
+    )
+    assert load_path(path, max_bytes=size)[0].data == {"kind": "Flow"}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_pipe_is_read_only_up_to_max_bytes(tmp_path: Path) -> None:
+    pipe = tmp_path / "flow.yaml"
+    os.mkfifo(pipe)
+    written: list[int] = []
+
+    def write() -> None:
+        try:
+            with open(pipe, "wb") as f:
+                for _ in range(100):  # 100 KiB, far over the limit
+                    written.append(f.write(b"# " + b"x" * 1021 + b"\n"))
+        except BrokenPipeError:  # the reader stopped reading: what should happen
+            pass
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    with pytest.raises(DefinitionError) as info:
+        load_path(pipe, max_bytes=4096)
+    writer.join(10)
+    assert sum(written) < 100 * 1024  # it stopped reading at the limit
+    (problem,) = info.value.problems
+    assert problem.message == (
+        "the file is over the limit of 4,096 bytes (ORCHESTRATOR_MAX_DEFINITION_BYTES)"
+    )
+
+
+def test_text_over_max_bytes_is_refused_counting_utf8_bytes() -> None:
+    text = "kind: Flow\nname: " + "é" * 600 + "\n"  # 618 characters, 1218 bytes
+    with pytest.raises(DefinitionError) as info:
+        load_text(text, "t.yaml", max_bytes=1024)
+    (problem,) = info.value.problems
+    assert problem.message == (
+        "the definition is 1,218 bytes, over the limit of 1,024 (ORCHESTRATOR_MAX_DEFINITION_BYTES)"
+    )
+    assert load_text(text, max_bytes=1218)[0].data["name"] == "é" * 600
 
 
 def test_json_duplicate_keys_are_caught(tmp_path: Path) -> None:
