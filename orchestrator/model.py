@@ -138,6 +138,14 @@ class StepOptions(_Model):
     timeout: Duration | None = None
     rate_limit: str | None = Field(None, alias="rateLimit", pattern=RATE_RE)
 
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, value: float | None) -> float | None:
+        # Celery reads a soft limit of 0 as "none", and the hard limit would be 1 s.
+        if value is not None and value <= 0:
+            raise ValueError("a step timeout must be more than 0 (leave it out for the default)")
+        return value
+
 
 class StepDefaults(StepOptions):
     on_error: Literal["fail", "continue"] | None = Field(None, alias="onError")

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     #: signature is checked).
     max_request_bytes: int = Field(default=2_097_152, ge=1024)
     #: Largest definition file or document (bytes) that validate and deploy accept.
-    max_definition_bytes: int = Field(default=1_048_576, ge=1024)
+    max_definition_bytes: int = Field(default=262_144, ge=1024)
     #: Most items one forEach may fan out over.
     max_foreach_items: int = Field(default=100_000, ge=1)
     #: Deepest chain of subflow runs (a run's child's child ...); deeper fails the step.

@@ -839,3 +839,15 @@ def test_find_subflow_cycle_walks_long_chains_without_recursion() -> None:
     calls[f"f{n}"] = {"f0"}
     cycle = find_subflow_cycle(calls, through=["f0"])
     assert cycle is not None and len(cycle) == n + 2 and cycle[0] == cycle[-1] == "f0"
+
+
+def test_a_zero_timeout_is_refused_at_its_field() -> None:
+    """Celery would read a soft limit of 0 as none, with a hard limit of 1 s."""
+    text = (
+        "apiVersion: orchestrator/v1\nkind: Flow\nmetadata: {name: z}\n"
+        "spec:\n  steps:\n    - {id: a, task: t.a, timeout: 0}\n"
+    )
+    with pytest.raises(DefinitionError) as info:
+        load_string(text)
+    (problem,) = info.value.problems
+    assert problem.path == "spec.steps[0].timeout" and "more than 0" in problem.message
