@@ -32,6 +32,7 @@ from celery.canvas import Signature, _chain
 from . import expressions
 from .errors import NotFound
 from .model import (
+    MAX_DURATION_S,
     AnyStep,
     ApprovalStep,
     FlowResource,
@@ -361,12 +362,12 @@ def retry_countdown(policy: RetryPolicy, attempt: int, rng: random.Random | None
     """
     base = policy.initial_delay or 0.0
     if policy.backoff == "exponential":
-        delay = base * (2 ** (attempt - 1))
+        delay = base * (2.0 ** min(attempt - 1, 64))  # past 2**64 it is capped anyway
     elif policy.backoff == "linear":
         delay = base * attempt
     else:
         delay = base
-    delay = min(delay, policy.max_delay if policy.max_delay is not None else delay)
+    delay = min(delay, policy.max_delay if policy.max_delay is not None else delay, MAX_DURATION_S)
     if policy.jitter:
         delay = (rng or random).uniform(0, delay)
     return round(delay, 3)

@@ -552,3 +552,19 @@ def test_spec_section_3_example(app) -> None:
     assert shape(canvas) == ["upper", {"chord": ["reverse", "spaces"]}, par["id"]]
     assert plan.nodes["reverse"].retry.max_attempts == 5
     assert plan.nodes["spaces"].retry.max_attempts == 1
+
+
+def test_retry_countdown_stays_finite_for_any_attempt() -> None:
+    """An exponential policy without maxDelay after 999 attempts: capped, not inf/NaN
+    (a float overflow, or uniform(0, inf) under jitter, would break the retry)."""
+    import math
+
+    from orchestrator.compiler import retry_countdown
+    from orchestrator.model import RetryPolicy
+
+    policy = RetryPolicy(
+        maxAttempts=1000, backoff="exponential", initialDelay="36500d", jitter=True
+    )
+    for attempt in (1, 63, 64, 999):
+        delay = retry_countdown(policy, attempt)
+        assert math.isfinite(delay) and delay >= 0
