@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
+from . import procgroup
 from .redisconn import queue_max_priority, transport_options
 from .settings import Settings, get_settings
 
@@ -60,6 +61,13 @@ def celery_config(settings: Settings) -> dict:
         "worker_send_task_events": settings.task_events,
     }
 
+
+# Each prefork pool process leads a process group of its own, so a SIGTERM to the node's
+# whole group is the main process's warm shutdown, not the death of running steps
+# (procgroup.py; README "Crash recovery and shutdown").
+signals.worker_process_init.connect(
+    procgroup.on_pool_process_init, weak=False, dispatch_uid="orchestrator.procgroup"
+)
 
 _untracked = threading.local()
 

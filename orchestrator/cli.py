@@ -1000,8 +1000,10 @@ def worker(ctx: click.Context, pool_name: str | None, pools_file: str) -> None:
     are imported.
     """
     argv = ["worker", *(pool_args(pools_file, pool_name) if pool_name else []), *ctx.args]
+    from .redisconn import check_eviction_once, print_warning
     from .worker import app
 
+    check_eviction_once(ctx.ensure_object(_Env).settings, "worker", print_warning)  # or exits
     app.worker_main(argv)
 
 
@@ -1015,8 +1017,10 @@ def beat(ctx: click.Context) -> None:
 
     Other options go to Celery's beat as they are (-l, --max-interval, ...).
     """
+    from .redisconn import check_eviction_once, print_warning
     from .worker import app
 
+    check_eviction_once(ctx.ensure_object(_Env).settings, "beat", print_warning)  # or exits
     app.start(["beat", "-S", "orchestrator.scheduler:Scheduler", *ctx.args])
 
 
@@ -1066,6 +1070,9 @@ def api(env: _Env, host: str, port: int, dev: bool) -> None:
         _fail(f"--dev skips authentication and binds only to loopback, not {host!r}", code=2)
     if not dev and not token_list(env.settings):
         _fail("set ORCHESTRATOR_API_TOKENS (comma-separated bearer tokens), or use --dev", code=2)
+    from .redisconn import check_eviction_once, print_warning
+
+    check_eviction_once(env.settings, "api", print_warning)  # or exits
     import uvicorn
 
     base = f"http://{f'[{host}]' if ':' in host else host}:{port or 'PORT'}"

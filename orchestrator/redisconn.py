@@ -12,18 +12,31 @@ master the sentinels watch. A password for the sentinels themselves, if they req
 is ``ORCHESTRATOR_SENTINEL_PASSWORD``. :func:`redis_client` builds the state store's client
 (``Sentinel(...).master_for(...)``: it asks the sentinels for the master and asks again
 after a failover); :func:`sentinel_transport_options` gives kombu and Celery the same.
+
+Every process checks at start that no Redis it uses evicts keys (:func:`check_eviction`):
+a ``maxmemory-policy`` other than ``noeviction`` deletes keys when Redis is full, run
+state and queued messages among them, without an error anywhere.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from .errors import OrchestratorError
 from .settings import Settings
+
+log = logging.getLogger("orchestrator.redisconn")
 
 #: URL schemes of a Redis server reached directly (redis-py's and kombu's spellings).
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
@@ -148,3 +161,135 @@ def redis_client(url: str, settings: Settings, **kwargs: Any) -> redis.Redis:
         sentinel_kwargs["password"] = password
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
     return sentinel.master_for(settings.sentinel_master, **{**master, **kwargs})
+
+
+# -- eviction -------------------------------------------------------------------------------
+
+#: The one ``maxmemory-policy`` under which a full Redis refuses writes instead of
+#: deleting keys.
+NO_EVICTION = "noeviction"
+#: Seconds the start-up check waits for each Redis (it never delays a start for longer).
+EVICTION_CHECK_TIMEOUT_S = 3.0
+
+
+class EvictingRedis(OrchestratorError):
+    """A Redis of the deployment may evict keys and ``ORCHESTRATOR_REDIS_EVICTION=refuse``."""
+
+
+def maxmemory_policy(client: redis.Redis) -> str | None:
+    """The server's ``maxmemory-policy``: ``CONFIG GET``, else ``INFO memory`` (managed
+    Redis often forbids CONFIG); None when neither tells."""
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+        if policy:
+            return str(policy)
+    except redis.ResponseError as exc:  # CONFIG renamed, disabled or denied by an ACL
+        log.debug("CONFIG GET maxmemory-policy refused (%s); reading INFO memory", exc)
+    try:
+        policy = client.info("memory").get("maxmemory_policy")
+    except redis.ResponseError as exc:
+        log.debug("INFO memory refused too (%s)", exc)
+        return None
+    return str(policy) if policy else None
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+def _redis_roles(settings: Settings) -> dict[str, list[str]]:
+    """Each Redis URL of the deployment, with what it holds."""
+    roles: dict[str, list[str]] = {settings.redis_url: ["run state"]}
+    if is_redis(settings.broker_url):
+        roles.setdefault(settings.broker_url, []).append("step messages")
+    if is_redis(settings.result_backend):
+        roles.setdefault(settings.result_backend, []).append("results")
+    return roles
+
+
+def _policies(url: str, settings: Settings) -> list[tuple[str, str | None]]:
+    """(server, maxmemory-policy) of the Redis at ``url``: every primary of a Cluster."""
+    client = redis_client(
+        url,
+        settings,
+        decode_responses=True,
+        socket_timeout=EVICTION_CHECK_TIMEOUT_S,
+        socket_connect_timeout=EVICTION_CHECK_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        if isinstance(client, RedisCluster):
+            return [
+                (node.name, maxmemory_policy(client.get_redis_connection(node)))
+                for node in client.get_primaries()
+            ]
+        return [(_redact(url), maxmemory_policy(client))]
+    finally:
+        client.close()
+
+
+def eviction_problems(settings: Settings) -> list[str]:
+    """A message for each Redis of the deployment (state store, a Redis broker, the result
+    backend) whose ``maxmemory-policy`` lets it delete keys. A Redis that cannot be reached
+    or will not tell its policy is skipped (debug log): the process's own connection
+    reports an unreachable Redis."""
+    problems: list[str] = []
+    for url, roles in _redis_roles(settings).items():
+        try:
+            policies = _policies(url, settings)
+        except (redis.RedisError, OSError, ValueError) as exc:
+            log.debug("could not read the maxmemory-policy of %s: %s", _redact(url), exc)
+            continue
+        for server, policy in policies:
+            if policy is None:
+                log.debug("%s does not tell its maxmemory-policy: not checked", server)
+            elif policy != NO_EVICTION:
+                problems.append(
+                    f"Redis at {server} ({', '.join(roles)}) has maxmemory-policy {policy}: "
+                    "when full it deletes keys to make room, so runs would be silently lost "
+                    "(their state, queued steps and timers gone). Set maxmemory-policy "
+                    "noeviction (a full Redis then refuses writes, and they fail loudly), or "
+                    "ORCHESTRATOR_REDIS_EVICTION=refuse|ignore"
+                )
+    return problems
+
+
+def check_eviction(
+    settings: Settings, process: str, warn: Callable[[str], None] | None = None
+) -> list[str]:
+    """The start-up check of ``process`` (worker, beat, api): per
+    ``ORCHESTRATOR_REDIS_EVICTION``, ``warn`` about each evicting Redis (default: a
+    logged warning), raise :class:`EvictingRedis` (``refuse``), or skip it (``ignore``).
+    Returns the problems found."""
+    mode = settings.redis_eviction
+    if mode == "ignore":
+        return []
+    problems = eviction_problems(settings)
+    if problems and mode == "refuse":
+        raise EvictingRedis(
+            f"{process} not started (ORCHESTRATOR_REDIS_EVICTION=refuse): " + "; ".join(problems)
+        )
+    for problem in problems:
+        (warn or log.warning)(problem)
+    return problems
+
+
+def print_warning(message: str) -> None:
+    """``warning: <message>`` on stderr (commands warn so before any logging is set up)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+#: Start-up checks done in this process, so a command and Celery's hook check once.
+_checked: set[tuple[str, str, str, str]] = set()
+
+
+def check_eviction_once(
+    settings: Settings, process: str, warn: Callable[[str], None] | None = None
+) -> list[str]:
+    """:func:`check_eviction`, at most once per process for the same Redis URLs."""
+    s = settings
+    key = (s.redis_url, s.broker_url, s.result_backend, s.redis_eviction)
+    if key in _checked:
+        return []
+    _checked.add(key)
+    return check_eviction(settings, process, warn)

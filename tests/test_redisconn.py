@@ -1,13 +1,23 @@
-"""Broker kinds without servers: Sentinel URLs, and the Celery settings each broker gets."""
+"""Broker kinds without servers: Sentinel URLs, and the Celery settings each broker gets;
+and, with private redis-servers, the start-up check of Redis's ``maxmemory-policy``."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import redis
 from redis.sentinel import SentinelConnectionPool
 
 from orchestrator.app import celery_config
-from orchestrator.redisconn import is_redis, parse_sentinel_url, redis_client
+from orchestrator.redisconn import (
+    EvictingRedis,
+    check_eviction,
+    is_redis,
+    maxmemory_policy,
+    parse_sentinel_url,
+    redis_client,
+)
 from orchestrator.settings import Settings
 
 SENTINELS = "sentinel://:s3cret@10.0.0.1:26380/2;sentinel://10.0.0.2;sentinel://h3:5000/9"
@@ -115,3 +125,158 @@ def test_a_rabbitmq_broker_gets_confirms_and_priority_queues_but_no_redis_option
 )
 def test_broker_kind(url: str, redis_like: bool) -> None:
     assert is_redis(url) is redis_like
+
+
+# -- eviction: every process checks maxmemory-policy at start ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_servers():
+    """Private redis-servers started with extra args, by name; stopped after the module."""
+    from tests.support import RedisServer
+
+    started: dict[tuple[str, ...], RedisServer] = {}
+
+    def server(*args: str) -> RedisServer:
+        if args not in started:
+            started[args] = RedisServer(extra_args=args).start()
+        return started[args]
+
+    yield server
+    for s in started.values():
+        s.cleanup()
+
+
+def evicting(redis_servers, *more: str):
+    return redis_servers("--maxmemory-policy", "allkeys-lru", *more)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("args", "policy"),
+    [
+        ((), "allkeys-lru"),
+        (("--rename-command", "CONFIG", ""), "allkeys-lru"),  # managed Redis: no CONFIG
+        (("--user", "default", "on", "nopass", "~*", "&*", "+@all", "-config"), "allkeys-lru"),
+        (("--rename-command", "CONFIG", "", "--rename-command", "INFO", ""), None),
+    ],
+    ids=["config", "info-no-config", "info-acl-denies-config", "neither"],
+)
+def test_maxmemory_policy_reads_config_else_info(redis_servers, args, policy) -> None:
+    client = evicting(redis_servers, *args).client(decode_responses=True)
+    try:
+        assert maxmemory_policy(client) == policy
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_check_eviction_warns_refuses_or_ignores(redis_servers, redis_server) -> None:
+    url = evicting(redis_servers).url
+    warned: list[str] = []
+    problems = check_eviction(Settings(redis_url=url), "worker", warned.append)
+    assert warned == problems and len(problems) == 1
+    assert "maxmemory-policy allkeys-lru" in problems[0] and "silently lost" in problems[0]
+    assert "(run state, step messages, results)" in problems[0]
+    with pytest.raises(EvictingRedis, match="beat not started.*allkeys-lru"):
+        check_eviction(Settings(redis_url=url, redis_eviction="refuse"), "beat")
+    assert check_eviction(Settings(redis_url=url, redis_eviction="ignore"), "api") == []
+    # Only the evicting one of two servers is named; noeviction (the default) passes.
+    both = Settings(redis_url=redis_server.url, broker_url=url, redis_eviction="refuse")
+    with pytest.raises(EvictingRedis) as exc:
+        check_eviction(both, "worker")
+    assert f"{url} (step messages)" in str(exc.value) and redis_server.url not in str(exc.value)
+    assert check_eviction(Settings(redis_url=redis_server.url, redis_eviction="refuse"), "x") == []
+
+
+def test_an_unreachable_redis_is_left_to_the_process_own_connection() -> None:
+    from tests.support import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    assert check_eviction(Settings(redis_url=url, redis_eviction="refuse"), "worker") == []
+
+
+@pytest.mark.integration
+def test_the_password_never_shows_in_the_message(redis_servers) -> None:
+    # nopass: the server takes any password, so the URL may carry one.
+    server = redis_servers(
+        "--maxmemory-policy", "volatile-lru", "--user", "default", "on", "nopass", "~*", "&*",
+        "+@all",
+    )  # fmt: skip
+    url = f"redis://default:s3cret@127.0.0.1:{server.port}/0"
+    (problem,) = check_eviction(Settings(redis_url=url), "api", lambda _: None)
+    assert "s3cret" not in problem and "default:***@" in problem and "volatile-lru" in problem
+
+
+SCHEDULER = "orchestrator.scheduler:Scheduler"
+#: How each process is started: the orchestrator's commands, and Celery's own for the worker.
+COMMANDS = {
+    "worker": ["-m", "orchestrator", "worker", "-P", "solo", "-Q", "evict-q"],
+    "beat": ["-m", "orchestrator", "beat"],
+    "api": ["-m", "orchestrator", "api", "--dev", "--port", "0"],
+    "celery-worker": ["-m", "celery", "-A", "orchestrator.worker", "worker", "-P", "solo"],
+    "celery-beat": ["-m", "celery", "-A", "orchestrator.worker", "beat", "-S", SCHEDULER],
+}
+#: What each prints once it runs (after the check).
+STARTED = {
+    "worker": " ready.",
+    "beat": "Starting...",
+    "api": "Uvicorn running",
+    "celery-worker": " ready.",
+    "celery-beat": "Starting...",  # logged before Celery's beat_init, where it checks
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("mode", ["warn", "refuse"])
+def test_every_process_warns_or_refuses_at_start(redis_servers, tmp_path, command, mode) -> None:
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.support import REPO_ROOT, wait_for
+
+    url = evicting(redis_servers).url
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    env.update(
+        ORCHESTRATOR_REDIS_URL=url,
+        ORCHESTRATOR_KEY_PREFIX=f"ev{uuid.uuid4().hex[:6]}:",
+        ORCHESTRATOR_REDIS_EVICTION=mode,
+        PYTHONPATH=str(REPO_ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *COMMANDS[command], *([] if command == "api" else ["-l", "INFO"])],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    try:
+        if mode == "refuse":
+            assert proc.wait(timeout=60) == 1
+            text = log.read_text()
+            assert "error: " in text and "not started" in text and "allkeys-lru" in text, text
+            assert command == "celery-beat" or STARTED[command] not in text
+        else:
+            wait_for(
+                lambda: STARTED[command] in log.read_text() or proc.poll() is not None,
+                timeout=60,
+                message=lambda: log.read_text(),
+            )
+            text = log.read_text()
+            assert proc.poll() is None, text
+            assert text.count("maxmemory-policy allkeys-lru") == 1, text  # once per process
+            assert "warning: Redis at " in text and "silently lost" in text, text
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
