@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+import textwrap
+import time
+import tracemalloc
 from typing import Any
 
 import pytest
 
-from orchestrator.errors import ExpressionError
+from orchestrator import expressions
+from orchestrator.errors import DefinitionError, ExpressionError
 from orchestrator.expressions import (
     check,
     evaluate_condition,
@@ -16,6 +20,7 @@ from orchestrator.expressions import (
     render,
     step_refs,
 )
+from orchestrator.loader import load_string
 
 CTX: dict[str, Any] = {
     "inputs": {
@@ -447,3 +452,229 @@ def test_context_values_are_never_called() -> None:
         with pytest.raises(ExpressionError):
             ev("${" + expr + "}", context)
     assert calls == []
+
+
+# -- limits: no expression may exhaust CPU or memory ----------------------------------------
+
+BIG: dict[str, Any] = {
+    "inputs": {
+        "one": 1,
+        "flag": False,
+        "row": [0] * 100_000,
+        "n": 100_000,
+        "base": 4_000_000,
+        "x": "x",
+        "billion": 10**9,
+        "k": 100_000,
+        "sep": "-" * 100_000,
+        "items": ["a"] * 100,
+        "text": "t" * 1_000_000,
+        "huge": 10**5000,  # more digits than Python formats (4300), as a Python task may return
+        "doc": {"rows": [{"id": i, "name": f"row {i}"} for i in range(40_000)]},  # ~1.3 MB
+    }
+}
+
+
+def bounded(text: str, context: dict[str, Any] | None = None, match: str | None = None) -> str:
+    """The ExpressionError that parsing (and evaluating, given a context) ``text`` raises,
+    which must come within 0.5 s, and having allocated 20 MB at most."""
+
+    def attempt() -> str:
+        with pytest.raises(ExpressionError, match=match) as info:
+            template = parse_template(text)
+            if context is not None:
+                template.evaluate(context)
+        return str(info.value)
+
+    started = time.perf_counter()
+    message = attempt()
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5, f"{text[:60]} took {elapsed:.2f} s"
+    tracemalloc.start()  # apart: it slows down allocating (json.dumps 20 times: MAX_SECONDS)
+    try:
+        attempt()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000, f"{text[:60]} allocated {peak / 1e6:.0f} MB"
+    return message
+
+
+def refused(text: str, context: dict[str, Any] = BIG) -> str:
+    return bounded(text, context)
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        # the four of the issue: each operand is within simpleeval's own limits
+        ("${4000000**4000000 > 0}", "MAX_INT_BITS"),
+        ("${len(str([[0]*100000]*100000))}", "MAX_VALUE_SIZE"),
+        ("${len(sum([[0]*100000]*100000, []))}", "MAX_VALUE_SIZE"),
+        ("${max([[0]*100000]*100000)}", "MAX_VALUE_SIZE"),
+        # more of the same kind
+        ("${'x' * 10**9}", "MAX_STRING_LENGTH"),
+        ("${str(10**100000)}", "MAX_INT_BITS"),
+        ("${10**4000000}", "MAX_INT_BITS"),
+        ("${(-3)**3000000}", "MAX_INT_BITS"),
+        ("${2**10000 * 2**10000}", "MAX_INT_BITS"),
+        ("${1 << 20000}", "MAX_INT_BITS"),
+        ("${2 ** 10**400}", "MAX_INT_BITS"),
+        ("${1 << 10**400}", "MAX_INT_BITS"),
+        ("${[[[0]*1000]*1000]*1000}", "MAX_VALUE_SIZE"),
+        ("${str([[0]*100000]*20)}", "MAX_VALUE_SIZE"),
+        ("${len(sum([[0]*100000]*1000, []))}", "MAX_VALUE_SIZE"),
+        ("${[0]*300000 + [0]*300000 + [0]*300000}", "MAX_VALUE_SIZE"),
+        ("${(0,) * 10**9}", "MAX_VALUE_SIZE"),
+        ("${'ab' * 600000 + 'cd' * 600000}", "MAX_STRING_LENGTH"),
+        ("${int('9' * 5000)}", "MAX_INT_BITS"),
+    ],
+)
+def test_static_bombs_are_refused_when_parsed(text: str, limit: str) -> None:
+    message = bounded(text, match="invalid expression")  # parsed only: it reads nothing
+    assert limit in message and text in message
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        ("${inputs.base ** inputs.base > 0}", "MAX_INT_BITS"),
+        ("${len(str([inputs.row] * inputs.n))}", "MAX_VALUE_SIZE"),
+        ("${len(sum([inputs.row] * inputs.n, []))}", "MAX_VALUE_SIZE"),
+        ("${max([inputs.row] * inputs.n)}", "MAX_VALUE_SIZE"),
+        ("${len(sum([inputs.row] * 1000, []))}", "MAX_VALUE_SIZE"),
+        ("${sum([" + ", ".join(["inputs.row"] * 7) + "], [])}", "MAX_VALUE_SIZE"),
+        ("${inputs.row * 7}", "MAX_VALUE_SIZE"),
+        ("${inputs.x * inputs.billion}", "MAX_STRING_LENGTH"),
+        ("${str(10 ** inputs.k)}", "MAX_INT_BITS"),
+        ("${inputs.one << inputs.k}", "MAX_INT_BITS"),
+        ("${join(inputs.items, inputs.sep)}", "MAX_STRING_LENGTH"),
+        ("${str([inputs.text, inputs.text, inputs.text])}", "MAX_STRING_LENGTH"),
+        ("${inputs.text + inputs.text + inputs.text}", "MAX_STRING_LENGTH"),
+        ("${upper(inputs.text + inputs.text + 'x')}", "MAX_STRING_LENGTH"),
+        ("${ {'a': inputs.text} | {'b': inputs.text} | {'c': inputs.text} }", "SIZE"),
+        ("${str(inputs.huge)}", "MAX_INT_BITS"),
+        ("n=${inputs.huge}", "MAX_INT_BITS"),
+        ("${inputs.text}${inputs.text}${inputs.text}", "MAX_STRING_LENGTH"),
+    ],
+)
+def test_bombs_built_from_inputs_are_refused(text: str, limit: str) -> None:
+    message = refused(text)
+    assert limit in message
+    assert text[text.index("${") :][:30] in message  # the expression, or the text, that failed
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["n=${inputs.nums}", "${str(inputs.nums)}", "${join(inputs.nums, ',')}"],
+)
+def test_int_too_long_to_format_inside_a_list_is_an_expression_error(text: str) -> None:
+    # Python refuses to format an int of over 4300 digits with ValueError: never a crash
+    message = refused(text, {"inputs": {"nums": [1, 10**5000]}})
+    assert "digits" in message or "MAX_INT_BITS" in message
+
+
+def test_printf_formatting_of_strings_is_refused() -> None:
+    assert "%-formatting" in refused("${'%0999999999d' % 1}")
+    assert "%-formatting" in refused("${inputs.x % inputs.one}")
+    assert ev("${7 % 3}") == 1 and ev("${7.5 % 2}") == 1.5
+
+
+def test_round_to_a_huge_negative_precision_is_quick() -> None:
+    started = time.perf_counter()
+    assert ev("${round(5, -10**8)}") == 0
+    assert ev("${round(inputs.count, -10**8)}") == 0
+    assert time.perf_counter() - started < 0.5
+    assert ev("${round(15, -1)}") == 20 and ev("${round(2.567, 1)}") == 2.6
+
+
+def test_work_budget_bounds_many_allowed_operations() -> None:
+    # each str() is within the limits, twelve of them are not
+    text = "${" + " + ".join(["len(str(inputs.doc))"] * 12) + "}"
+    assert "MAX_WORK" in refused(text)
+    assert ev("${len(str(inputs.doc))}", BIG) > 1_000_000
+
+
+def test_one_render_is_one_budget() -> None:
+    fields = {f"f{i}": "${len(str(inputs.doc))}" for i in range(12)}
+    started = time.perf_counter()
+    with pytest.raises(ExpressionError, match="MAX_WORK"):
+        render(fields, BIG)
+    assert time.perf_counter() - started < 0.5
+    # a fresh render starts a fresh budget
+    few = dict(list(fields.items())[:3])
+    assert render(few, BIG) == render(few, BIG)
+
+
+def test_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "${" + " + ".join(["inputs.count"] * 200) + "}"
+    assert ev(text) == 600
+    monkeypatch.setattr(expressions, "MAX_SECONDS", 0.0)
+    with pytest.raises(ExpressionError, match="MAX_SECONDS"):
+        ev(text)
+
+
+def test_limits_leave_ordinary_big_values_alone() -> None:
+    assert len(ev("${[0] * 100000}")) == 100000
+    assert len(ev("${'x' * 1000000}")) == 1000000
+    assert ev("${[1, 2] * 2}") == [1, 2, 1, 2]
+    assert ev("${3 * 'ab'}") == "ababab"
+    assert ev("${2 ** 1000}") == 2**1000
+    assert ev("${str(2 ** 10000)}") == str(2**10000)
+    assert ev("${int('9' * 4000)}") == int("9" * 4000)
+    assert ev("${1 >> 10**100}") == 0
+    assert ev("${sum([[1], [2, 3]], [])}") == [1, 2, 3]
+    assert ev("${sum([1, 2.5])}") == 3.5
+    assert ev("${inputs.tags + ['c']}") == ["a", "b", "c"]
+    assert ev("${ {'a': 1} | {'b': 2} }") == {"a": 1, "b": 2}
+    assert ev("${max([[1, 2], [1, 3]])}") == [1, 3]
+    assert ev("${[inputs.tags] * 2 == [['a', 'b'], ['a', 'b']]}") is True
+    assert ev("${join([inputs.tags, 1], '; ')}") == '["a", "b"]; 1'
+    doc = ev("x ${inputs.doc}", BIG)
+    assert doc.startswith('x {"rows": [{"id": 0') and len(doc) > 1_000_000
+    assert ev("${steps.fetch.output.items[0:2] + [9]}") == [1, 2, 9]
+
+
+def test_static_parts_of_an_expression_are_checked_when_parsed() -> None:
+    for text in (
+        "${inputs.flag or len([[0]*100000]*100000)}",
+        "${default(inputs.x, 'x' * 10**9)}",
+        "${inputs.tags[0:2**100000]}",
+    ):
+        with pytest.raises(ExpressionError, match="invalid expression"):
+            parse_template(text)
+    with pytest.raises(ExpressionError, match="MAX_INT_BITS"):
+        parse_condition("inputs.count > 4000000**4000000")
+    with pytest.raises(ExpressionError, match="MAX_VALUE_SIZE"):
+        check({"a": ["${inputs.x}", {"b": "x ${[[0]*100000]*100000}"}]})
+    # other failures of a static part are still reported where it runs
+    template = parse_template("${inputs.flag and 1 / 0}")
+    assert template.evaluate(BIG) is False
+    with pytest.raises(ExpressionError, match="division by zero"):
+        template.evaluate(CTX)
+
+
+def test_loader_reports_a_static_bomb_with_its_field_path() -> None:
+    text = textwrap.dedent(
+        """\
+        apiVersion: orchestrator/v1
+        kind: Flow
+        metadata:
+          name: demo
+        spec:
+          steps:
+            - id: a
+              task: x.a
+              when: "${4000000**4000000 > 0}"
+              with:
+                x: "${len(str([[0]*100000]*100000))}"
+        """
+    )
+    started = time.perf_counter()
+    with pytest.raises(DefinitionError) as info:
+        load_string(text, file="flows/demo.yaml")
+    assert time.perf_counter() - started < 0.5
+    found = {p.path: p.message for p in info.value.problems}
+    assert "MAX_INT_BITS" in found["spec.steps[0].when"]
+    (with_path,) = [path for path in found if path.startswith("spec.steps[0].with")]
+    assert "MAX_VALUE_SIZE" in found[with_path]
