@@ -53,7 +53,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
-from billiard.exceptions import Terminated, WorkerLostError
+from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery import signals
 from celery.contrib.testing.worker import test_worker_started, test_worker_stopped
 from celery.worker import state
@@ -61,6 +61,7 @@ from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import NoScriptError
 
+from . import procgroup
 from .compiler import STEP_TASK, node_key
 from .settings import Settings
 from .store import RedisStore, _script
@@ -388,6 +389,8 @@ class TaskRequest(Request):
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
+        if isinstance(exc, TimeLimitExceeded | WorkerLostError | Terminated) and self.worker_pid:
+            procgroup.kill_group(self.worker_pid)  # hard limit, cancel, death: its subprocesses too
         if isinstance(exc, WorkerLostError | Terminated | SystemExit | KeyboardInterrupt):
             hb = _nodes.get(self.hostname)
             if hb is not None:

@@ -36,7 +36,7 @@ from celery._state import _task_stack
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
-from . import expressions, httpcalls
+from . import expressions, httpcalls, procgroup
 from .app import results_untracked
 from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, PlanCache, node_key, retry_countdown
 from .counters import Counts, run_counts, step_counts
@@ -509,6 +509,8 @@ class Execution:
             else:
                 output = self._checked_output(self._call_http(kwargs, ctx))
         except Exception as exc:  # noqa: BLE001 - any failure of user code is the step's failure
+            if isinstance(exc, SoftTimeLimitExceeded):
+                procgroup.kill_descendants()  # the step's subprocesses end with it
             self._failed(exc, kwargs, ctx)
             return
         self._finish("succeeded", output, ctx, input=kwargs)
