@@ -30,9 +30,10 @@ one, an :class:`~orchestrator.errors.ExpressionError` names it (and the step fai
     ``_NODE_COST``). One evaluation is a
     condition, a template, or a ``render()`` of a whole value (all of a step's fields).
 ``MAX_SECONDS``
-    the CPU time one evaluation may take: a backstop for work the units do not count, such as
-    comparing two big documents read from the context (those are bounded where they were
-    accepted: ``max_input_bytes``, ``max_output_bytes``).
+    the CPU time one evaluation may take: a backstop for work the units do not count, such
+    as comparing two big documents read from the context (those are bounded where they were
+    accepted: ``max_input_bytes``, ``max_output_bytes``). It and ``MAX_WORK`` are settings
+    (``ORCHESTRATOR_EXPRESSION_MAX_WORK``, ``_MAX_SECONDS``) that :func:`configure` applies.
 
 ``%`` on a string (printf-style formatting, whose widths can ask for gigabytes) is refused.
 An expression, or part of one, that reads no root name (``inputs``, ``steps`` ...) has the
@@ -100,8 +101,24 @@ class _Refused(ExpressionError):
     """Over one of the limits, or an operation refused outright, whatever the values read."""
 
 
+#: The limits a deployment may change (``configure``), by the setting that changes them.
+_SETTINGS = {
+    "MAX_WORK": "ORCHESTRATOR_EXPRESSION_MAX_WORK",
+    "MAX_SECONDS": "ORCHESTRATOR_EXPRESSION_MAX_SECONDS",
+}
+
+
+def configure(max_work: int | None = None, max_seconds: float | None = None) -> None:
+    """Set this process's budget for one evaluation (the worker does, from its settings)."""
+    global MAX_WORK, MAX_SECONDS
+    if max_work is not None:
+        MAX_WORK = max_work
+    if max_seconds is not None:
+        MAX_SECONDS = max_seconds
+
+
 def _limit(name: str) -> str:
-    return f"(limit: {name} = {globals()[name]})"
+    return f"(limit: {_SETTINGS.get(name, name)} = {globals()[name]})"
 
 
 def _too_long(what: str, length: int) -> _Refused:

@@ -107,6 +107,7 @@ class Engine:
         self.app, self.settings = app, settings
         self.store = RedisStore(settings)
         self._plans = PlanCache(settings, self.store.get_definition)
+        expressions.configure(settings.expression_max_work, settings.expression_max_seconds)
 
     def plan(self, flow: str, version: str) -> Plan:
         try:

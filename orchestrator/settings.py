@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     #: Deliveries of one step attempt whose worker died (SIGKILL, exit, hard time limit
     #: without a retry) before the step fails with "its worker died N times".
     max_deliveries: int = Field(default=3, ge=1)
+    #: Work one expression evaluation may do (about one unit per character or item built,
+    #: copied or compared): the cost of one expression, with its CPU time below.
+    expression_max_work: int = Field(default=10_000_000, ge=10_000)
+    expression_max_seconds: float = Field(default=1.0, gt=0)
     #: A step still ``running`` this long past its hard time limit, with no live lease,
     #: is settled by the reaper (failed, or retried under its policy).
     reaper_margin_s: float = Field(default=60.0, gt=0)

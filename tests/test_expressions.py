@@ -678,3 +678,18 @@ def test_loader_reports_a_static_bomb_with_its_field_path() -> None:
     assert "MAX_INT_BITS" in found["spec.steps[0].when"]
     (with_path,) = [path for path in found if path.startswith("spec.steps[0].with")]
     assert "MAX_VALUE_SIZE" in found[with_path]
+
+
+def test_the_evaluation_budget_is_a_setting() -> None:
+    """``configure`` (the worker calls it from ORCHESTRATOR_EXPRESSION_MAX_WORK) moves the
+    budget, and the error names the setting."""
+    from orchestrator import expressions
+
+    before = expressions.MAX_WORK
+    try:
+        expressions.configure(max_work=20_000)
+        with pytest.raises(ExpressionError, match="ORCHESTRATOR_EXPRESSION_MAX_WORK = 20000"):
+            expressions.render("${len(str(inputs.xs))}", {"inputs": {"xs": list(range(20_000))}})
+    finally:
+        expressions.configure(max_work=before)
+    assert expressions.render("${len(inputs.xs)}", {"inputs": {"xs": [1, 2]}}) == 2
