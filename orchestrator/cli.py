@@ -1061,10 +1061,13 @@ def flower(ctx: click.Context, address: str, port: int) -> None:
 def api(env: _Env, host: str, port: int, dev: bool) -> None:
     """Serve the REST API (OpenAPI at /docs) and the web dashboard (/ui) with uvicorn.
 
-    Every endpoint but /healthz needs 'Authorization: Bearer TOKEN' with a token from
-    ORCHESTRATOR_API_TOKENS (comma-separated), unless --dev on a loopback host.
+    Every endpoint but /healthz, the webhooks and the dashboard page (/ui) needs
+    'Authorization: Bearer TOKEN' with a token from ORCHESTRATOR_API_TOKENS
+    (comma-separated), /docs and /openapi.json included, unless --dev on a loopback
+    host. With ORCHESTRATOR_LIVENESS_FILE set it touches that file while it serves,
+    for 'orchestrator health'.
     """
-    from .api import create_api, is_loopback, token_list
+    from .api import create_api, is_loopback, serve, token_list
 
     if dev and not is_loopback(host):
         _fail(f"--dev skips authentication and binds only to loopback, not {host!r}", code=2)
@@ -1073,11 +1076,10 @@ def api(env: _Env, host: str, port: int, dev: bool) -> None:
     from .redisconn import check_eviction_once, print_warning
 
     check_eviction_once(env.settings, "api", print_warning)  # or exits
-    import uvicorn
 
     base = f"http://{f'[{host}]' if ':' in host else host}:{port or 'PORT'}"
     click.echo(f"dashboard: {base}/ui   API docs: {base}/docs", err=True)
-    uvicorn.run(create_api(env.settings, env.client, dev=dev), host=host, port=port)
+    serve(create_api(env.settings, env.client, dev=dev), host, port)
 
 
 def pool_args(pools_file: str | Path, name: str) -> list[str]:

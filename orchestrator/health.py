@@ -8,6 +8,12 @@ event loop every :data:`TOUCH_INTERVAL_S` seconds while it consumes, and beat to
 from its scheduling loop. ``orchestrator health`` then only compares the file's age with
 ``--max-age``: a wedged event loop, a consumer that stopped, or a beat loop that hangs
 all stop the touching, and the probe fails once the file is older than that.
+
+The REST API (``orchestrator api``) touches it too, from :func:`touch_while_serving`, a
+task in the server's event loop that does each touch through the worker-thread pool the
+request handlers run in. A blocked event loop stops it, and so does a pool whose threads
+are all stuck (a deadlock, a Redis that hangs): the API stops answering in both cases,
+and the probe says so.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from celery import bootsteps
 
 #: How often a live process touches its liveness file, in seconds.
@@ -42,6 +50,21 @@ def check(path: str | os.PathLike[str], max_age: float) -> tuple[bool, str]:
     if age > max_age:
         return False, f"{path} last touched {age:.1f}s ago (more than {max_age:g}s)"
     return True, f"{path} touched {age:.1f}s ago"
+
+
+async def touch_while_serving(
+    path: str | os.PathLike[str], interval: float = TOUCH_INTERVAL_S
+) -> None:
+    """Touch ``path`` every ``interval`` seconds, for as long as the loop and its threads work.
+
+    Each touch is run by ``anyio.to_thread.run_sync`` under the default thread limiter,
+    the one FastAPI runs every sync endpoint under: when all its threads are taken and
+    none comes back, the touch waits in line with the requests and the file ages.
+    Runs until cancelled.
+    """
+    while True:
+        await anyio.to_thread.run_sync(touch, path)
+        await anyio.sleep(interval)
 
 
 class LivenessFile(bootsteps.StartStopStep):
@@ -90,4 +113,11 @@ class BeatToucher:
             self._last = now
 
 
-__all__ = ["TOUCH_INTERVAL_S", "BeatToucher", "LivenessFile", "check", "touch"]
+__all__ = [
+    "TOUCH_INTERVAL_S",
+    "BeatToucher",
+    "LivenessFile",
+    "check",
+    "touch",
+    "touch_while_serving",
+]

@@ -9,7 +9,9 @@ The server recomputes it over the bytes it received and refuses the request when
 header is missing or malformed, the digest differs, or ``t`` is more than five minutes
 away from its clock (a captured request cannot be replayed later). Within those five
 minutes the same signed request triggers once: its signature is the run's idempotency
-key. :func:`sign` builds the header, for senders written in Python and for tests.
+key. :func:`sign` builds the header, for senders written in Python and for tests;
+:func:`parse` and :meth:`Signature.matches` are :func:`verify` in two halves, for a
+server that must do the same work whether or not the flow has a webhook.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import hmac
 import re
 import time
+from dataclasses import dataclass
 
 #: How far a signature's timestamp may be from the server's clock, in seconds.
 TOLERANCE_S = 300
@@ -34,8 +37,28 @@ def sign(secret: str, body: bytes, timestamp: float | None = None) -> str:
     return f"t={t},sha256={_digest(secret, t, body)}"
 
 
-def verify(header: str | None, body: bytes, secret: str, now: float | None = None) -> str:
-    """Check a signature; returns its digest (unique per request) or raises SignatureError."""
+#: The refusal of a well-formed signature that is not the body's; a webhook of an unknown
+#: flow, or of a flow without a webhook, is refused with it too (no flow names leak).
+MISMATCH = "signature does not match the body"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A well-formed, recent ``X-Signature``: its timestamp and the digest it claims."""
+
+    t: int
+    digest: str
+
+    def matches(self, body: bytes, secret: str) -> bool:
+        """Whether the digest is ``body``'s under ``secret`` (constant time)."""
+        return hmac.compare_digest(self.digest, _digest(secret, self.t, body))
+
+
+def parse(header: str | None, now: float | None = None) -> Signature:
+    """The header's signature, or SignatureError when it is missing, malformed or too old.
+
+    Nothing here depends on the flow or its secret, so the answer says nothing about them.
+    """
     if not header:
         raise SignatureError("missing X-Signature header (t=<unix time>,sha256=<hex digest>)")
     m = _HEADER.match(header)
@@ -48,9 +71,15 @@ def verify(header: str | None, body: bytes, secret: str, now: float | None = Non
             f"signature timestamp is {abs(now - t):.0f}s away from the server's clock "
             f"(more than {TOLERANCE_S}s): refused as a replay"
         )
-    if not hmac.compare_digest(given, _digest(secret, t, body)):
-        raise SignatureError("signature does not match the body")
-    return given
+    return Signature(t, given)
+
+
+def verify(header: str | None, body: bytes, secret: str, now: float | None = None) -> str:
+    """Check a signature; returns its digest (unique per request) or raises SignatureError."""
+    sig = parse(header, now)
+    if not sig.matches(body, secret):
+        raise SignatureError(MISMATCH)
+    return sig.digest
 
 
 def _digest(secret: str, t: int, body: bytes) -> str:

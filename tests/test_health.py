@@ -4,14 +4,17 @@ touching it is in tests/integration/test_compose_commands.py)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import cli
-from orchestrator.health import TOUCH_INTERVAL_S, BeatToucher, check, touch
+from orchestrator.health import TOUCH_INTERVAL_S, BeatToucher, check, touch, touch_while_serving
 
 
 def _health(*args: str, env: dict[str, str] | None = None):
@@ -73,3 +76,39 @@ def test_beat_touches_at_most_every_interval(
     toucher()
     assert alive.stat().st_mtime > 0
     BeatToucher("")()  # no file configured: nothing to do
+
+
+def test_the_api_toucher_stops_while_the_request_thread_pool_is_stuck(tmp_path: Path) -> None:
+    """The API's liveness touch goes through the pool its sync endpoints run in: with
+    every thread stuck (a deadlock, a Redis that hangs) the file ages; once one comes
+    back, the touching resumes."""
+    alive = tmp_path / "api.alive"
+    stuck = threading.Event()
+
+    async def main() -> None:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = 2  # this loop's own limiter: two request threads
+        async with anyio.create_task_group() as tasks:
+            try:
+                tasks.start_soon(touch_while_serving, alive, 0.02)
+                await _until(alive.exists)
+                for _ in range(2):  # two requests that never return while ``stuck`` is clear
+                    tasks.start_soon(anyio.to_thread.run_sync, stuck.wait)
+                await _until(lambda: limiter.borrowed_tokens == 2)
+                await anyio.sleep(0.1)  # a touch that had a thread already is done by now
+                os.utime(alive, (0, 0))
+                await anyio.sleep(0.5)  # 25 intervals
+                assert alive.stat().st_mtime == 0, "touched while every thread was stuck"
+                stuck.set()
+                await _until(lambda: alive.stat().st_mtime > 0)
+            finally:
+                stuck.set()  # the task group waits for the threads: let them go
+                tasks.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+async def _until(predicate, timeout: float = 10) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
