@@ -106,7 +106,7 @@ def test_dev_mode_on_loopback_needs_no_token(settings):
 
 
 def test_dashboard_is_not_in_the_openapi_schema(api):
-    paths = api.get("/openapi.json").json()["paths"]
+    paths = api.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()["paths"]
     assert not any(p.startswith("/ui") for p in paths)
 
 

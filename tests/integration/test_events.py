@@ -258,9 +258,14 @@ def test_webhook_bad_input_and_flows_without_a_hook(client, api, hooked):
         assert resp.json().get("field") == field
     body = b"{}"
     plain = deploy(client, HOOKED.split("---")[1].replace("webhook: {secret: NAME-hook}", ""))
-    resp = api.post(f"/v1/hooks/{plain}", content=body, headers={"X-Signature": sign("x", body)})
-    assert resp.status_code == 404 and "has no webhook" in resp.json()["message"]
-    assert api.post("/v1/hooks/no-such-flow", content=body).status_code == 404
+    # A flow without a webhook, or none at all, answers like a wrong signature: 401 with the
+    # same body, so unauthenticated callers cannot enumerate flow names.
+    headers = {"X-Signature": sign("x", body)}
+    wrong = api.post(f"/v1/hooks/{hooked}", content=body, headers=headers)
+    resp = api.post(f"/v1/hooks/{plain}", content=body, headers=headers)
+    assert resp.status_code == wrong.status_code == 401 and resp.json() == wrong.json()
+    missing = api.post("/v1/hooks/no-such-flow", content=body, headers=headers)
+    assert missing.status_code == 401 and missing.json() == wrong.json()
 
 
 def test_webhook_secret_must_be_a_deployed_secret_variable(client):
