@@ -1144,7 +1144,7 @@ def demo(env: _Env, flows_dir: str, keep: bool) -> None:
     prefix and queue, removed afterwards), otherwise a private redis-server. Serves
     the REST API and the dashboard on a loopback port while it runs.
     """
-    from .demo import run_demo
+    from .devstack.demo import run_demo
 
     sys.exit(run_demo(env.settings.redis_url, flows_dir=flows_dir, keep=keep))
 
@@ -1215,7 +1215,7 @@ def dev(
     ORCHESTRATOR_REDIS_URL or --redis-url names a Redis. The API binds to 127.0.0.1 in
     dev mode (no token); Flower gets a generated password, printed once.
     """
-    from .dev import DevStack, pool_names
+    from .devstack.dev import DevStack, pool_names
 
     settings = env.settings
     if redis_url is None and "redis_url" in settings.model_fields_set:

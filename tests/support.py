@@ -1,6 +1,6 @@
 """Test infrastructure shared by the test suite and the benchmarks.
 
-The process helpers live in the package (:mod:`orchestrator._processes`, which the
+The process helpers live in the package (:mod:`orchestrator.devstack.processes`, which the
 users' pytest plugin :mod:`orchestrator.testing` uses too); this module re-exports
 them with this repository's defaults: workers and beat run from the repository root,
 with it on ``PYTHONPATH``, so ``tests.tasks`` and ``workers.*`` import in them.
@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from orchestrator import _processes
-from orchestrator._processes import REDIS_SERVER_BIN, RedisServer, free_port, wait_for
+from orchestrator.devstack import processes
+from orchestrator.devstack.processes import REDIS_SERVER_BIN, RedisServer, free_port, wait_for
 
 __all__ = [
     "REPO_ROOT",
@@ -42,15 +42,15 @@ def _repo_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-class WorkerProcess(_processes.WorkerProcess):
-    """:class:`orchestrator._processes.WorkerProcess` run from the repository root."""
+class WorkerProcess(processes.WorkerProcess):
+    """:class:`orchestrator.devstack.processes.WorkerProcess` run from the repository root."""
 
     def __init__(self, queues: str | Iterable[str], **kwargs: Any) -> None:
         super().__init__(queues, **_repo_defaults(kwargs))
 
 
-class BeatProcess(_processes.BeatProcess):
-    """:class:`orchestrator._processes.BeatProcess` run from the repository root."""
+class BeatProcess(processes.BeatProcess):
+    """:class:`orchestrator.devstack.processes.BeatProcess` run from the repository root."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**_repo_defaults(kwargs))

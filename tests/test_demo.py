@@ -1,11 +1,11 @@
-"""The demo's own checks (orchestrator/demo.py), without starting anything."""
+"""The demo's own checks (orchestrator/devstack/demo.py), without starting anything."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from orchestrator.demo import DEMO_INPUTS, run_demo
+from orchestrator.devstack.demo import DEMO_INPUTS, run_demo
 from orchestrator.inputs import validate_inputs
 from orchestrator.loader import load
 from tests.support import REPO_ROOT, free_port

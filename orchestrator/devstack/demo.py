@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -26,18 +25,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ._processes import RedisServer, WorkerProcess, free_port
-from .errors import DefinitionError, RunFailed
-from .settings import Settings
+from ..errors import DefinitionError, RunFailed
+from ..settings import Settings
+from .processes import (
+    FLOWER_USER,
+    Child,
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    http_ok,
+    redact,
+    redis_answers,
+)
 
 if TYPE_CHECKING:
-    from .client import Client
+    from ..client import Client
 
 #: Inputs each example flow runs with, by flow name. Add an entry with every new
 #: file in flows/.
@@ -135,7 +141,7 @@ class _Demo:
             workers = self._start_workers(settings, services, stack)
             self.console.print(f"Workers ready: {', '.join(w.name for w in workers)}")
 
-            from .client import Client
+            from ..client import Client
 
             client = Client(settings)
             stack.callback(client.close)
@@ -220,7 +226,7 @@ class _Demo:
 
         import uvicorn
 
-        from .api import create_api
+        from ..api import create_api
 
         port = free_port()
         config = uvicorn.Config(
@@ -248,7 +254,7 @@ class _Demo:
         """Start a run from an event or a signed webhook; returns its id."""
         import httpx
 
-        from .webhooks import sign
+        from ..webhooks import sign
 
         if how == "webhook":
             body = json.dumps(payload).encode()
@@ -279,7 +285,7 @@ class _Demo:
         return found[0]
 
     def _example_flows(self) -> list[str]:
-        from .loader import load
+        from ..loader import load
 
         if not self.flows_dir.is_dir():
             raise DemoError(
@@ -290,19 +296,19 @@ class _Demo:
         if missing:
             raise DemoError(
                 f"{self.flows_dir}/ has flows without demo inputs: {', '.join(missing)}. "
-                "Add an entry for each to DEMO_INPUTS in orchestrator/demo.py"
+                "Add an entry for each to DEMO_INPUTS in orchestrator/devstack/demo.py"
             )
         if not names:
             raise DemoError(f"{self.flows_dir}/ holds no flows")
         return names
 
     def _redis(self, stack: contextlib.ExitStack) -> tuple[str, str]:
-        if self.redis_url and _answers(self.redis_url):
-            return self.redis_url, f"{_redact(self.redis_url)} (shared)"
+        if self.redis_url and redis_answers(self.redis_url):
+            return self.redis_url, f"{redact(self.redis_url)} (shared)"
         binary = shutil.which("redis-server")
         if binary is None:
             raise DemoError(
-                f"no Redis answers at {_redact(self.redis_url or '')} and redis-server is "
+                f"no Redis answers at {redact(self.redis_url or '')} and redis-server is "
                 "not installed: set ORCHESTRATOR_REDIS_URL or install redis-server"
             )
         server = RedisServer(self.tmp / "redis", binary=binary)
@@ -349,8 +355,6 @@ class _Demo:
         self, settings: Settings, services: dict[str, str], stack: contextlib.ExitStack
     ) -> tuple[str, str, str]:
         """Flower for the demo's workers, behind basic auth: (URL, user, password)."""
-        from .dev import FLOWER_USER, Child, _http_ok
-
         port, password = free_port(), secrets.token_urlsafe(12)
         url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "orchestrator", "flower",
@@ -360,7 +364,7 @@ class _Demo:
             # Through the environment, never on a command line (ps shows those).
             "ORCHESTRATOR_FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{password}",
         }
-        flower = Child("flower", argv, env, self.tmp / "flower.log", _http_ok(f"{url}/healthcheck"))
+        flower = Child("flower", argv, env, self.tmp / "flower.log", http_ok(f"{url}/healthcheck"))
         flower.start(Path.cwd())
         stack.callback(flower.kill)
         stack.callback(flower.terminate)
@@ -472,29 +476,6 @@ def _restore_env(key: str, value: str | None) -> None:
 def _short(value: Any, limit: int = 160) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
-
-
-def _probe(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
-    )
-
-
-def _answers(url: str) -> bool:
-    try:
-        client = _probe(url)
-    except ValueError:
-        return False
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
 
 
 def _delete_prefixed(url: str, prefix: str) -> None:

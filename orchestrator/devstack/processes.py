@@ -1,21 +1,29 @@
-"""Processes for tests: a private ``redis-server``, Celery workers and beat, bounded waits.
+"""Processes from outside: a private ``redis-server``, Celery workers and beat, any child
+process of a stack, and bounded waits.
 
 Used by the pytest plugin (:mod:`orchestrator.testing`), this repository's own test suite
-(``tests/support.py`` re-exports it) and the benchmarks. Everything here drives real
-processes from outside; nothing imports the rest of the orchestrator.
+(``tests/support.py`` re-exports it), the benchmarks, ``orchestrator demo`` and
+``orchestrator dev``. Everything here drives real processes from outside; nothing imports
+the rest of the orchestrator.
 
 * :class:`RedisServer` -- a throw-away ``redis-server`` on a free port with its own
   data directory (never a shared Redis).
 * :class:`WorkerProcess` -- a real ``celery worker`` subprocess in its own process
   group, with its output in a log file; :class:`BeatProcess` the same for ``celery beat``.
+* :class:`Child` -- any command of a stack (a worker, beat, the API, Flower) started
+  without waiting, for a supervisor that polls its readiness test and its exit.
 * :func:`wait_for` -- the one way to wait for something: a bounded poll.
+* :func:`redis_answers`, :func:`http_ok` -- one-second readiness probes;
+  :func:`redact` -- a URL without its password, for messages.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,9 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,11 +45,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __all__ = [
+    "FLOWER_USER",
     "REDIS_SERVER_BIN",
     "BeatProcess",
+    "Child",
     "RedisServer",
     "WorkerProcess",
     "free_port",
+    "http_ok",
+    "redact",
+    "redis_answers",
     "wait_for",
 ]
 
@@ -48,6 +64,8 @@ T = TypeVar("T")
 REDIS_SERVER_BIN = (
     os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server") or "/usr/bin/redis-server"
 )
+#: The Flower user of the demo's and the dev stack's Flower (its password is generated).
+FLOWER_USER = "admin"
 
 # Every process started here is stopped when the interpreter exits, even if a
 # fixture's teardown never ran (Ctrl-C, a crashed benchmark).
@@ -93,6 +111,46 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+def redis_answers(url: str) -> bool:
+    """Whether a Redis at ``url`` answers PING within a second (no retries)."""
+    try:
+        client = redis.Redis.from_url(
+            url, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+        )
+    except ValueError:
+        return False
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A readiness test: whether a GET of ``url`` answers 200 within a second."""
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    return probe
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    # The process leads its own session, so its pid is the group id.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -468,9 +526,7 @@ class WorkerProcess:
 
     def _kill_group(self) -> None:
         assert self.proc is not None
-        # The main process leads its own session, so its pid is the group id.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        _kill_group(self.proc)
 
     def _reap(self) -> None:
         assert self.proc is not None
@@ -532,3 +588,83 @@ class BeatProcess(WorkerProcess):
             sys.executable, "-m", "celery", "-A", self.app, "beat",
             "-S", "orchestrator.scheduler:Scheduler", "-l", self.loglevel,
         ]  # fmt: skip
+
+
+@dataclass
+class Child:
+    """One process of a stack: its command, environment, log file and readiness test.
+
+    Unlike :class:`WorkerProcess`, :meth:`start` does not wait: a supervisor starts
+    several and polls each one's :attr:`ready` and :meth:`exited`. The child leads a
+    session of its own (Ctrl-C in the terminal reaches only the supervisor), and on
+    Linux gets SIGTERM when the supervisor dies.
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready: Callable[[], bool]
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, cwd: Path) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def exited(self) -> int | None:
+        """The exit code, or None while it runs (or before it started)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        if self.running():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the child's whole process group (it leads one) and reap it."""
+        if self.proc is None:
+            return
+        _kill_group(self.proc)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+    def tail(self, lines: int = 20) -> str:
+        return _tail(self.log_path, lines)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when this process dies; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl: act as if it fired
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec

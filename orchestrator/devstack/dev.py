@@ -20,20 +20,14 @@ children also get SIGTERM if this process is killed outright. Their output goes 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,81 +36,20 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from ._processes import free_port
-from .demo import _answers, _redact
-from .errors import DefinitionError
-from .health import check as liveness_check
-from .settings import Settings
+from ..errors import DefinitionError
+from ..health import check as liveness_check
+from ..settings import Settings
+from .processes import FLOWER_USER, Child, free_port, http_ok, redact, redis_answers
 
 #: How long the whole stack may take to come up.
 READY_TIMEOUT_S = 90.0
 #: How long each group of children has to stop after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.1
-TAIL_LINES = 20
-FLOWER_USER = "admin"
 
 
 class DevError(Exception):
     """The stack could not start or stopped on its own; the message says why."""
-
-
-@dataclass
-class Child:
-    """One process of the stack: its command, environment, log file and readiness test."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    ready: Callable[[], bool]
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def start(self, cwd: Path) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in the terminal reaches only dev
-                preexec_fn=_die_with_parent(),
-            )
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def exited(self) -> int | None:
-        """The exit code, or None while it runs (or before it started)."""
-        return self.proc.poll() if self.proc is not None else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def terminate(self) -> None:
-        if self.running():
-            assert self.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """SIGKILL the child's whole process group (it leads one) and reap it."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-
-    def tail(self, lines: int = TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class DevStack:
@@ -241,7 +174,7 @@ class DevStack:
                  "--host", "127.0.0.1", "--port", str(self.api_port)],
                 env,
                 logs / "api.log",
-                _http_ok(f"{api}/healthz"),
+                http_ok(f"{api}/healthz"),
             )
         )  # fmt: skip
         if self.flower:
@@ -265,9 +198,9 @@ class DevStack:
 
     def _redis(self, logs: Path) -> str:
         if self.redis_url:
-            if not _answers(self.redis_url):
+            if not redis_answers(self.redis_url):
                 raise DevError(
-                    f"no Redis answers at {_redact(self.redis_url)}; start it, or leave "
+                    f"no Redis answers at {redact(self.redis_url)}; start it, or leave "
                     "ORCHESTRATOR_REDIS_URL and --redis-url unset for a private redis-server"
                 )
             return self.redis_url
@@ -290,7 +223,7 @@ class DevStack:
              "--dir", str(data), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
             dict(os.environ),
             logs / "redis.log",
-            lambda: _answers(url),
+            lambda: redis_answers(url),
         )  # fmt: skip
         self.redis_child.start(self.cwd)
         self._wait_ready([self.redis_child], timeout=15)
@@ -321,7 +254,7 @@ class DevStack:
             argv,
             {**env, "ORCHESTRATOR_FLOWER_BASIC_AUTH": credentials},
             logs / "flower.log",
-            _http_ok(f"http://127.0.0.1:{self.flower_port}/healthcheck"),
+            http_ok(f"http://127.0.0.1:{self.flower_port}/healthcheck"),
         )
 
     def _wait_ready(self, children: list[Child], timeout: float = READY_TIMEOUT_S) -> None:
@@ -353,7 +286,7 @@ class DevStack:
     def _deploy(self) -> None:
         if not self.deploy_paths:
             return
-        from .client import Client
+        from ..client import Client
 
         client = Client(self.settings.model_copy(update=self._stack_settings(self.stack_redis_url)))
         try:
@@ -385,7 +318,7 @@ class DevStack:
 
     def _banner(self) -> None:
         api = f"http://127.0.0.1:{self.api_port}"
-        redis_line = _redact(self.stack_redis_url)
+        redis_line = redact(self.stack_redis_url)
         if self.redis_child is not None:
             redis_line += f"  (private, append-only file in {self.data_dir / 'redis'})"
         rows = [
@@ -487,38 +420,6 @@ def pool_names(pools_file: str | os.PathLike[str]) -> list[str]:
 
 def _fresh(path: Path) -> Callable[[], bool]:
     return lambda: liveness_check(path, max_age=60)[0]
-
-
-def _http_ok(url: str) -> Callable[[], bool]:
-    def probe() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-
-    return probe
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when this process dies; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl: act as if it fired
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 __all__ = ["DevError", "DevStack", "pool_names"]
