@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .client import Client, Deployed
-from .scheduler import TICK_TASK
+from ..client import Client, Deployed
+from ..scheduler import TICK_TASK
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from ._processes import WorkerProcess
-    from .settings import Settings
+    from ..devstack.processes import WorkerProcess
+    from ..settings import Settings
 
 
 class FlowClient(Client):
