@@ -302,3 +302,22 @@ def client(settings):
         close = getattr(c, "close", None)
         if callable(close):
             close()
+
+
+@pytest.fixture
+def r(redis_server: RedisServer):
+    """A plain client of the test's Redis, for gates, counters and traces tasks leave."""
+    conn = redis_server.client(decode_responses=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Callable[[str, float], None]:
+    """Keep a measured figure in the test's report (``pytest -rP`` prints it)."""
+
+    def keep(name: str, value: float) -> None:
+        request.node.user_properties.append((name, value))
+        print(f"{request.node.name}: {name} = {value}")
+
+    return keep

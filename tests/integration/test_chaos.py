@@ -127,13 +127,6 @@ def recovery_times(starts: dict, kills: list[tuple[float, str]]) -> list[float]:
     return out
 
 
-@pytest.fixture
-def r(redis_server):
-    conn = redis_server.client(decode_responses=True)
-    yield conn
-    conn.close()
-
-
 def test_runs_survive_worker_nodes_sigkilled_every_few_seconds(
     client, worker_factory, orch_env, r
 ) -> None:

@@ -45,14 +45,6 @@ def name(request: pytest.FixtureRequest) -> str:
     return f"{base[:48].strip('-')}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture
-def r(redis_server):
-    """A plain client of the test's Redis, for gates and side-effect counters."""
-    conn = redis_server.client(decode_responses=True)
-    yield conn
-    conn.close()
-
-
 def deploy(client: Client, name: str, spec: str) -> Deployed:
     """Deploy a Flow whose ``spec`` is the given YAML."""
     body = textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ")

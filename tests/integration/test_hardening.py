@@ -42,13 +42,6 @@ def client(settings: Settings):
     c.close()
 
 
-@pytest.fixture
-def r(redis_server):
-    conn = redis_server.client(decode_responses=True)
-    yield conn
-    conn.close()
-
-
 def flow(steps: str, extra: str = "") -> str:
     return (
         "apiVersion: orchestrator/v1\nkind: Flow\nmetadata: {name: NAME}\n"

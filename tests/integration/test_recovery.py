@@ -46,24 +46,6 @@ def env(orch_env: dict[str, str], queue: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def r(redis_server):
-    conn = redis_server.client(decode_responses=True)
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def record(request):
-    """Keep a measured figure in the test's report (``pytest -rP`` prints it)."""
-
-    def keep(name: str, value: float) -> None:
-        request.node.user_properties.append((name, value))
-        print(f"{request.node.name}: {name} = {value}")
-
-    return keep
-
-
 class Traces:
     """What ``tests/recovery_tasks.py`` recorded about the executions of one run's steps."""
 

@@ -74,24 +74,6 @@ def env(orch_env: dict[str, str], queue: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def r(redis_server):
-    conn = redis_server.client(decode_responses=True)
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def record(request):
-    """Keep a measured figure in the test's report (``pytest -rP`` prints it)."""
-
-    def keep(name: str, value: float) -> None:
-        request.node.user_properties.append((name, value))
-        print(f"{request.node.name}: {name} = {value}")
-
-    return keep
-
-
 def starts(r, ns: str, run_id: str, step: str) -> list[str]:
     """The workers (``<node>:<pid>``) of each recorded execution of ``step``, in order."""
     return [s.split(" ", 1)[1] for s in r.lrange(f"{ns}:{run_id}:{step}:starts", 0, -1)]
