@@ -16,7 +16,7 @@ from celery import Celery
 
 from . import events
 from .app import create_app
-from .compiler import Block, CanvasBuilder, Plan, PlanCache, node_key
+from .compiler import CanvasBuilder
 from .errors import (
     DefinitionError,
     Forbidden,
@@ -35,10 +35,12 @@ from .model import (
     ServiceResource,
     VariableResource,
 )
+from .plan import Block, Plan, PlanCache, StepAddress, node_key, parse_key
 from .runtime import publish, run_ended, trigger_flow, wake_step
 from .scheduler import next_fire
 from .settings import Settings
-from .store import ACTIVE, ENDED, RedisStore
+from .status import ACTIVE, ENDED
+from .store import RedisStore
 from .variables import shown
 
 if TYPE_CHECKING:
@@ -493,9 +495,8 @@ class Client:
 
     def _wake(self, run_id: str, key: str) -> None:
         flow, version = self.store.r.hmget(self.store.run_key(run_id), ["flow", "version"])
-        step, _, rest = key.partition("[")
-        path = [int(i) for i in rest.rstrip("]").split("][")] if rest else []
-        wake_step(self.app, self.plan, run_id, flow, version, step, path)
+        step, path = parse_key(key)
+        wake_step(self.app, self.plan, StepAddress(run_id, flow, version, step, path))
 
     def retry(self, run_id: str) -> Run:
         """Restart a failed run from its failed step, reusing what had succeeded."""

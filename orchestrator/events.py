@@ -25,9 +25,9 @@ from typing import Any
 from celery import Celery, Task, shared_task
 
 from . import expressions
-from .compiler import Plan
 from .errors import InputError, NotFound, OrchestratorError
 from .model import CHANNEL_RE
+from .plan import Plan
 from .store import RedisStore
 
 log = logging.getLogger("orchestrator.events")

@@ -24,7 +24,6 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from . import expressions
-from .compiler import hard_time_limit
 from .errors import DefinitionError, ExpressionError, Problem
 from .model import (
     _KIND_OF_CLASS,
@@ -48,6 +47,7 @@ from .model import (
     VariableResource,
     WaitStep,
 )
+from .policy import hard_time_limit
 from .settings import Settings, get_settings
 from .yamlsource import (
     SourceDoc,

@@ -14,7 +14,6 @@ import logging
 from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,8 @@ from prometheus_client.utils import floatToGoString
 
 from .counters import RUN_BUCKETS, STEP_BUCKETS
 from .errors import OrchestratorError
-from .store import ACTIVE, ENDED
+from .status import ACTIVE, ENDED
+from .store import _script
 
 if TYPE_CHECKING:
     from .client import Client
@@ -58,8 +58,7 @@ class OrchestratorCollector(Collector):
     def __init__(self, client: Client, pools_file: str | Path | None = DEFAULT_POOLS_FILE):
         self.client = client
         self.pools_file = Path(pools_file) if pools_file else None
-        lua = resources.files("orchestrator").joinpath("lua/count_runs.lua").read_text()
-        self._count_runs = client.store.r.register_script(lua)
+        self._count_runs = client.store.r.register_script(_script("count_runs"))
 
     def collect(self) -> Iterator[Metric]:
         store = self.client.store

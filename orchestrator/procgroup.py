@@ -49,7 +49,7 @@ log = logging.getLogger("orchestrator.procgroup")
 
 #: How long :func:`kill_descendants` waits after SIGTERM before it sends SIGKILL: well
 #: within the second at least that a step's hard time limit comes after its soft one
-#: (``compiler.hard_time_limit``), so the step's timeout is still recorded before it.
+#: (``policy.hard_time_limit``), so the step's timeout is still recorded before it.
 KILL_GRACE_S = 0.5
 #: How long it then waits for SIGKILLed processes to be gone.
 KILL_WAIT_S = 0.2

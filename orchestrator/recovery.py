@@ -62,7 +62,8 @@ from kombu.transport import redis as kombu_redis
 from redis.exceptions import NoScriptError
 
 from . import procgroup
-from .compiler import STEP_TASK, node_key
+from .compiler import STEP_TASK
+from .plan import StepAddress
 from .settings import Settings
 from .store import RedisStore, _script
 
@@ -341,10 +342,10 @@ def _execution(request: Any) -> tuple[str, str, str, str] | None:
     if getattr(request, "type", None) != STEP_TASK or not request.worker_pid:
         return None
     try:
-        run_id, node_id, path = request.args[0], request.args[3], request.args[4]
+        address = StepAddress.from_message_args(request.args)
         return (
-            run_id,
-            node_key(node_id, path),
+            address.run,
+            address.key,
             request.id,
             f"{request.hostname}:{request.worker_pid}",
         )

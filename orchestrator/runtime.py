@@ -38,7 +38,7 @@ from kombu.exceptions import OperationalError
 
 from . import expressions, httpcalls, procgroup
 from .app import results_untracked
-from .compiler import STEP_TASK, CanvasBuilder, Node, Plan, PlanCache, node_key, retry_countdown
+from .compiler import STEP_TASK, CanvasBuilder
 from .counters import Counts, run_counts, step_counts
 from .errors import (
     ExpressionError,
@@ -52,9 +52,12 @@ from .errors import (
 from .inputs import validate_inputs
 from .limits import check_value
 from .model import ServiceSpec
+from .plan import Node, Plan, PlanCache, StepAddress, node_key
+from .policy import retry_countdown
 from .settings import Settings
-from .store import ENDED, NO_OUTPUT, RedisStore
-from .variables import VariableMap, install_log_filter, mask
+from .status import ENDED
+from .store import NO_OUTPUT, RedisStore
+from .variables import VariableMap, install_log_filter, mask, mask_task_report
 
 log = logging.getLogger("orchestrator.runtime")
 
@@ -64,6 +67,18 @@ log = logging.getLogger("orchestrator.runtime")
 def _mask_secrets(logger: logging.Logger | None = None, **_: Any) -> None:
     """Secrets a worker resolves never reach its logs (see :mod:`.variables`)."""
     install_log_filter(*([logger] if logger is not None else []))
+
+
+@signals.task_failure.connect(weak=False)
+def _masked_failure(einfo: Any = None, **_: Any) -> None:
+    """No secret in what Celery reports of a failed task (see :mod:`.variables`)."""
+    mask_task_report(einfo)
+
+
+@signals.task_retry.connect(weak=False)
+def _masked_retry(einfo: Any = None, **_: Any) -> None:
+    """No secret in what Celery reports of a task it retries (see :mod:`.variables`)."""
+    mask_task_report(einfo)
 
 
 @dataclass(frozen=True)
@@ -282,6 +297,11 @@ class Execution:
     @property
     def recovery(self) -> bool:
         return self.phase == "recovery"
+
+    @property
+    def address(self) -> StepAddress:
+        """This step instance, as timers, watchers and a child run's ``parent`` name it."""
+        return StepAddress(self.run_id, self.plan.name, self.plan.version, self.node.id, self.path)
 
     def _kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"deferred": self.deferred}
@@ -667,14 +687,7 @@ class Execution:
                 )
             child_plan = self.eng.plan(name, info["version"])
             values = validate_inputs(child_plan.resource.spec.inputs, inputs)
-            parent = {
-                "run": self.run_id,
-                "flow": self.plan.name,
-                "version": self.plan.version,
-                "step": self.node.id,
-                "path": list(self.path),
-                "depth": depth,
-            }
+            parent = self.address.parent(depth)
             child, _ = start_run(
                 self.store,
                 self.task.app,
@@ -703,11 +716,10 @@ class Execution:
         """Mark the step waiting; a signal, decision, watched run or the timer tick wakes it."""
         rec = self._running_record()
         rec["status"] = "waiting"
-        entry = [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)]
         event = self._event(
             "step.waiting", wait={k: v for k, v in wait.items() if k not in ("kind",)}
         )
-        verdict, payload = self.store.park(self.run_id, self.key, rec, wait, event, entry)
+        verdict, payload = self.store.park(self.run_id, self.key, rec, wait, event, self.address)
         if verdict == "signalled":  # the signal came first and was kept for this wait
             self._finish("succeeded", payload, ctx)
 
@@ -754,8 +766,7 @@ class Execution:
             self._conclude(outcome, ctx)
             return
         self._park(wait, ctx)
-        entry = [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)]
-        self.store.add_watcher(target, entry)
+        self.store.add_watcher(target, self.address)
         if self._run_outcome(wait) is not None:  # it ended while we registered: wake now
             self.wake()
 
@@ -828,10 +839,7 @@ class Execution:
                 )
         if outcome is None:
             if due is not None and not expired:  # woken early: keep the timer
-                self.store.add_timer(
-                    [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)],
-                    due,
-                )
+                self.store.add_timer(self.address, due)
             return
         if not self.store.unpark(self.run_id, self.key):
             return  # someone else resumed it
@@ -890,10 +898,7 @@ class Execution:
             [self._event("step.escalated", approvers=wait["approvers"])],
             recovery=self.recovery,
         )
-        self.store.add_timer(
-            [self.run_id, self.plan.name, self.plan.version, self.node.id, list(self.path)],
-            wait["deadline"],
-        )
+        self.store.add_timer(self.address, wait["deadline"])
 
     def resume_subflow(self, child_id: str) -> None:
         """The child run ended: end this step with its outputs, or fail with its error."""
@@ -1392,8 +1397,8 @@ def run_ended(
     parent, watchers = store.end_listeners(run_id)
     if parent and parent_too:
         notify_parent(app, plan_for, parent, run_id)
-    for run, flow, version, step, path in watchers:
-        wake_step(app, plan_for, run, flow, version, step, path)
+    for address in watchers:
+        wake_step(app, plan_for, address)
 
 
 def _step_queue(plan_for: PlanFor, flow: str, version: str, step: str) -> str | None:
@@ -1404,25 +1409,17 @@ def _step_queue(plan_for: PlanFor, flow: str, version: str, step: str) -> str | 
         return None
 
 
-def wake_step(
-    app: Celery,
-    plan_for: PlanFor,
-    run: str,
-    flow: str,
-    version: str,
-    step: str,
-    path: list[int],
-) -> None:
+def wake_step(app: Celery, plan_for: PlanFor, address: StepAddress) -> None:
     """Send a parked step the message that makes it look at its wait again."""
     sig = app.signature(
         STEP_TASK,
-        args=(run, flow, version, step, list(path), True),
+        args=address.message_args(True),
         kwargs={"wake": True},
         immutable=True,
-        shadow=f"{flow}.{node_key(step, path)}",
+        shadow=f"{address.flow}.{address.key}",
         ignore_result=True,
     )
-    queue = _step_queue(plan_for, flow, version, step)
+    queue = _step_queue(plan_for, address.flow, address.version, address.step)
     if queue:
         sig.set(queue=queue)
     publish(app, [sig])
@@ -1430,22 +1427,16 @@ def wake_step(
 
 def notify_parent(app: Celery, plan_for: PlanFor, parent: dict[str, Any], child_id: str) -> None:
     """Send the parent's subflow step the message that resumes it."""
+    address = StepAddress.from_parent(parent)
     sig = app.signature(
         STEP_TASK,
-        args=(
-            parent["run"],
-            parent["flow"],
-            parent["version"],
-            parent["step"],
-            parent["path"],
-            True,
-        ),
+        args=address.message_args(True),
         kwargs={"resume": child_id},
         immutable=True,
-        shadow=f"{parent['flow']}.{node_key(parent['step'], parent['path'])}",
+        shadow=f"{address.flow}.{address.key}",
         ignore_result=True,
     )
-    queue = _step_queue(plan_for, parent["flow"], parent["version"], parent["step"])
+    queue = _step_queue(plan_for, address.flow, address.version, address.step)
     if queue:
         sig.set(queue=queue)
     publish(app, [sig])

@@ -121,8 +121,8 @@ def tick(self: Task) -> dict[str, int]:
     eng = engine_for(self.app)
     now = time.time()
     woken = 0
-    for run, flow, version, step, path in eng.store.due_timers(now):
-        wake_step(self.app, eng.plan, run, flow, version, step, path)
+    for address in eng.store.due_timers(now):
+        wake_step(self.app, eng.plan, address)
         woken += 1
     fired = fire_schedules(eng, now)
     swept = sweep(eng, self, now)

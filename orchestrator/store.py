@@ -16,7 +16,8 @@ braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
                                    in order of completion (the saga's undo log)
 ``P{R}:sig:<name>``                list: signals that arrived before a step waited for them
 ``P{R}:watchers``                  list: steps of other runs waiting for this run to end
-``Ptimers``                        sorted set: parked steps by due time (JSON members)
+``Ptimers``                        sorted set: parked steps by due time (JSON members:
+                                   ``plan.StepAddress`` lists, as in ``P{R}:watchers``)
 ``Pschedules``                     hash: schedule name -> its spec (JSON)
 ``Pschedule:<name>``               hash: ``next`` fire time, ``last`` fire, ``error``
 ``Pfired:<name>:<time>``           string: one fire time claimed (two beats, one run)
@@ -64,13 +65,11 @@ import redis
 from redis.exceptions import NoScriptError
 
 from .counters import Counts, run_counts
+from .plan import StepAddress
 from .redisconn import redis_client
 from .settings import Settings
+from .status import ACTIVE, ENDED, lua_constants
 from .variables import learn_secrets, mask
-
-ACTIVE = ("pending", "running", "waiting")
-ENDED = ("succeeded", "failed", "compensated", "cancelled")
-TERMINAL_STEP = ("succeeded", "skipped", "failed", "cancelled", "compensated")
 
 #: How long a store trusts the secret Variables it learned before reading them again.
 #: A Variable deployed meanwhile is learned sooner whenever this process reads the
@@ -83,7 +82,9 @@ def dumps(value: Any) -> str:
 
 
 def _script(name: str) -> str:
-    return resources.files("orchestrator").joinpath(f"lua/{name}.lua").read_text()
+    """The source of ``lua/<name>.lua`` after the status names it tests (``status.py``)."""
+    source = resources.files("orchestrator").joinpath(f"lua/{name}.lua").read_text()
+    return lua_constants() + source
 
 
 class RedisStore:
@@ -449,9 +450,9 @@ class RedisStore:
         record: dict[str, Any],
         wait: dict[str, Any],
         event: dict[str, Any],
-        wake: list[Any] | None,
+        wake: StepAddress | None,
     ) -> tuple[str, Any]:
-        """Park a waiting step (see ``lua/park.lua``); ``wake`` is its timer entry, if any."""
+        """Park a waiting step (see ``lua/park.lua``); a deadline wakes ``wake``, if given."""
         record, wait, event = self._masked([record, wait, event])
         signal = wait.get("signal") or ""
         keys = [
@@ -483,10 +484,11 @@ class RedisStore:
         keys = [self.run_key(run_id), self.events_key(run_id)]
         return list(self._decide(keys=keys, args=[key, by, dumps(decision), dumps(event)]))
 
-    def add_timer(self, entry: list[Any], due: float) -> None:
-        self.r.zadd(f"{self.p}timers", {dumps(self._masked(entry)): due})
+    def add_timer(self, address: StepAddress, due: float) -> None:
+        """Wake the step at ``address`` at ``due`` (its entry: the address as a JSON list)."""
+        self.r.zadd(f"{self.p}timers", {dumps(self._masked(address)): due})
 
-    def due_timers(self, now: float, limit: int = 500) -> list[list[Any]]:
+    def due_timers(self, now: float, limit: int = 500) -> list[StepAddress]:
         """Timers that are due, each claimed by this caller alone (ZREM wins once)."""
         members = self.r.zrangebyscore(f"{self.p}timers", "-inf", now, start=0, num=limit)
         if not members:
@@ -494,22 +496,28 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         for m in members:
             pipe.zrem(f"{self.p}timers", m)
-        return [json.loads(m) for m, won in zip(members, pipe.execute(), strict=True) if won]
+        return [
+            StepAddress.from_entry(json.loads(m))
+            for m, won in zip(members, pipe.execute(), strict=True)
+            if won
+        ]
 
-    def add_watcher(self, target: str, entry: list[Any]) -> None:
-        entry = self._masked(entry)
+    def add_watcher(self, target: str, address: StepAddress) -> None:
+        """Wake the step at ``address`` when run ``target`` ends."""
+        entry = self._masked(address)
         pipe = self.r.pipeline(transaction=False)
         pipe.rpush(self.watchers_key(target), dumps(entry))
         pipe.expire(self.watchers_key(target), self.settings.retention_s)
         pipe.execute()
 
-    def end_listeners(self, run_id: str) -> tuple[dict[str, Any] | None, list[list[Any]]]:
+    def end_listeners(self, run_id: str) -> tuple[dict[str, Any] | None, list[StepAddress]]:
         """Who must hear that a run ended: its parent (subflow) and watching steps."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(self.run_key(run_id), "parent")
         pipe.lrange(self.watchers_key(run_id), 0, -1)
         parent, watchers = pipe.execute()
-        return (json.loads(parent) if parent else None), [json.loads(w) for w in watchers]
+        steps = [StepAddress.from_entry(json.loads(w)) for w in watchers]
+        return (json.loads(parent) if parent else None), steps
 
     # -- resources: variables, services, event subscriptions ----------------------------
 

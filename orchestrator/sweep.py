@@ -31,6 +31,7 @@ from celery import Task
 
 from .compiler import CanvasBuilder
 from .errors import NotFound, StepError
+from .plan import parse_key
 from .runtime import Engine, Execution, PermanentError, publish
 
 log = logging.getLogger("orchestrator.sweep")
@@ -138,7 +139,7 @@ def _reap(eng: Engine, task: Task, plan: Any, run_id: str, now: float) -> int:
     for key, rec in eng.store.step_records(run_id).items():
         if rec.get("status") != "running":
             continue
-        node_id, path = _parse_key(key)
+        node_id, path = parse_key(key)
         node = plan.nodes.get(node_id)
         if node is None:
             continue
@@ -172,10 +173,3 @@ def _lease_live(eng: Engine, run_id: str, key: str, rec: dict, now: float) -> bo
         if lease.get("t") == rec.get("task_id") and lease.get("w") == rec.get("worker"):
             until = lease.get("u")
     return bool(until and until > now)
-
-
-def _parse_key(key: str) -> tuple[str, tuple[int, ...]]:
-    """``load[3][1]`` -> (``load``, (3, 1)): the inverse of :func:`node_key`."""
-    node_id, _, rest = key.partition("[")
-    path = tuple(int(i) for i in rest.rstrip("]").split("][")) if rest else ()
-    return node_id, path

@@ -21,7 +21,8 @@ masks a value its task read from ``os.environ`` itself. Every known value is the
 * replaced in log records by :class:`SecretFilter` (installed on the worker's handlers),
 * replaced in what Celery reports of a failed or retried task (the exception, its
   chain and the traceback text that go to task events, so Flower, and to the log):
-  :func:`mask_exception` and the ``task_failure``/``task_retry`` hooks below,
+  :func:`mask_exception` and :func:`mask_task_report`, which the worker's
+  ``task_failure``/``task_retry`` hooks call (:mod:`.runtime`),
 
 so a step that echoes its token in its output, its error or its log shows ``***``.
 
@@ -35,8 +36,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-
-from celery import signals
 
 from .errors import ExpressionError, StepError
 from .model import ENV_REF
@@ -191,7 +190,7 @@ def _safe_text(how: Callable[[Any], str], exc: BaseException) -> str:
         return type(exc).__name__
 
 
-def _mask_task_report(einfo: Any) -> None:
+def mask_task_report(einfo: Any) -> None:
     """Mask what Celery reports of a task that failed or will be retried: the exception
     (its repr goes to the task event) and the traceback text (the event and the log).
 
@@ -231,16 +230,6 @@ def _mask_reported(exc: BaseException, secrets: frozenset[str]) -> BaseException
             exc.message = mask(exc.message, secrets)
         return exc
     return mask_exception(exc, secrets)
-
-
-@signals.task_failure.connect(weak=False)
-def _masked_failure(einfo: Any = None, **_: Any) -> None:
-    _mask_task_report(einfo)
-
-
-@signals.task_retry.connect(weak=False)
-def _masked_retry(einfo: Any = None, **_: Any) -> None:
-    _mask_task_report(einfo)
 
 
 def shown(spec: Mapping[str, Any]) -> Any:

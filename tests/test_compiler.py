@@ -17,18 +17,11 @@ from celery.canvas import Signature, _chain
 
 from orchestrator import Flow, step
 from orchestrator.app import create_app
-from orchestrator.compiler import (
-    STEP_TASK,
-    CanvasBuilder,
-    Plan,
-    canvas_tree,
-    describe,
-    hard_time_limit,
-    render_canvas,
-    retry_countdown,
-)
+from orchestrator.compiler import STEP_TASK, CanvasBuilder, canvas_tree, describe, render_canvas
 from orchestrator.loader import load_string
 from orchestrator.model import FlowResource, ParallelStep, RetryPolicy, SequenceStep, TaskStep
+from orchestrator.plan import Plan
+from orchestrator.policy import hard_time_limit, retry_countdown
 from orchestrator.settings import Settings
 
 # Nothing here connects: building signatures needs an app, not a broker.
@@ -559,8 +552,8 @@ def test_retry_countdown_stays_finite_for_any_attempt() -> None:
     (a float overflow, or uniform(0, inf) under jitter, would break the retry)."""
     import math
 
-    from orchestrator.compiler import retry_countdown
     from orchestrator.model import RetryPolicy
+    from orchestrator.policy import retry_countdown
 
     policy = RetryPolicy(
         maxAttempts=1000, backoff="exponential", initialDelay="36500d", jitter=True

@@ -672,9 +672,10 @@ def test_steps_nested_to_the_limit_load_compile_and_draw() -> None:
     import json
 
     from orchestrator.app import create_app
-    from orchestrator.compiler import Plan, describe, render_canvas
+    from orchestrator.compiler import describe, render_canvas
     from orchestrator.graph import to_dot, to_mermaid
     from orchestrator.loader import MAX_STEP_NESTING
+    from orchestrator.plan import Plan
 
     (loaded,) = load_string(json.dumps(_nested_steps(MAX_STEP_NESTING)))
     flow = loaded.resource

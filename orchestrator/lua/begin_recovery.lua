@@ -4,8 +4,9 @@
 -- KEYS: run hash, events stream, compensation list. ARGV: error JSON, event JSON.
 -- Returns the compensation list (completion order), or false when the run is not
 -- active or already recovering (someone else handles this failure).
+-- Status names (ACTIVE, TERMINAL_STEP, RUNNING, ...) come from orchestrator/status.py.
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' and status ~= 'pending' and status ~= 'waiting' then
+if not ACTIVE[status] then
   return false
 end
 if redis.call('HSETNX', KEYS[1], 'phase', 'recovery') == 0 then

@@ -15,12 +15,13 @@
 --            ``lost_why``: 'timeout' or 'died') and is returned as the step record;
 --   inactive the run is not active (cancelled, failed, ...), or is recovering from a
 --            failure and this is not a recovery step; missing: no such run.
+-- Status names (ACTIVE, TERMINAL_STEP, RUNNING, ...) come from orchestrator/status.py.
 local run = KEYS[1]
 local status = redis.call('HGET', run, 'status')
 if not status then
   return {'missing', false, false}
 end
-if status ~= 'running' and status ~= 'pending' and status ~= 'waiting' then
+if not ACTIVE[status] then
   return {'inactive', status, false}
 end
 if ARGV[7] ~= '1' and redis.call('HEXISTS', run, 'phase') == 1 then
@@ -32,12 +33,11 @@ local verdict = 'run'
 if rec then
   local r = cjson.decode(rec)
   local s = r['status']
-  if s == 'succeeded' or s == 'skipped' or s == 'failed' or s == 'cancelled'
-      or s == 'compensated' then
+  if TERMINAL_STEP[s] then
     verdict = 'done'
-  elseif s == 'running' and r['task_id'] ~= ARGV[2] then
+  elseif s == RUNNING and r['task_id'] ~= ARGV[2] then
     return {'busy', status, rec}
-  elseif s == 'running' then
+  elseif s == RUNNING then
     -- Live until its lease ends (l:<key>, renewed by its worker's heartbeat) or, before
     -- the first heartbeat, until started_at + lease: the running record says how long.
     local untl = r['lease'] and r['started_at'] + r['lease']
@@ -66,9 +66,9 @@ end
 if (verdict == 'run' or verdict == 'lost') and ARGV[3] == '1' then
   redis.call('HSET', run, skey, ARGV[4])
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[5])
-  if status == 'pending' then
-    redis.call('HSET', run, 'status', 'running', 'started_at', ARGV[6])
-    status = 'running'
+  if status == PENDING then
+    redis.call('HSET', run, 'status', RUNNING, 'started_at', ARGV[6])
+    status = RUNNING
   end
 end
 local out = {verdict, status, rec or false}

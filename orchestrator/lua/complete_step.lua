@@ -11,6 +11,7 @@
 -- Returns 'ok', 'dup' (first step had already ended: nothing written),
 -- 'inactive' (records written, but the run had ended or is recovering: do not continue),
 -- 'missing'.
+-- Status names (ACTIVE, TERMINAL_STEP, RUNNING, ...) come from orchestrator/status.py.
 local run = KEYS[1]
 local status = redis.call('HGET', run, 'status')
 if not status then
@@ -19,8 +20,7 @@ end
 local first = redis.call('HGET', run, 's:' .. ARGV[3])
 if first then
   local s = cjson.decode(first)['status']
-  if s == 'succeeded' or s == 'skipped' or s == 'failed' or s == 'cancelled'
-      or s == 'compensated' then
+  if TERMINAL_STEP[s] then
     return 'dup'
   end
 end
@@ -45,8 +45,7 @@ for _ = 1, k do
   redis.call('RPUSH', KEYS[3], ARGV[i])
   i = i + 1
 end
-local active = status == 'running' or status == 'pending' or status == 'waiting'
-if not active then
+if not ACTIVE[status] then
   return 'inactive'
 end
 if ARGV[1] ~= '1' and redis.call('HEXISTS', run, 'phase') == 1 then

@@ -2,9 +2,10 @@
 -- KEYS: run hash, events stream. ARGV: step key, who, decision JSON, event JSON.
 -- Returns {'ok'}, {'forbidden', approvers JSON}, {'decided'} (already decided),
 -- {'not_waiting'}, or {'inactive', status}.
+-- Status names (ACTIVE, TERMINAL_STEP, RUNNING, ...) come from orchestrator/status.py.
 local run = KEYS[1]
 local status = redis.call('HGET', run, 'status')
-if status ~= 'running' and status ~= 'pending' and status ~= 'waiting' then
+if not ACTIVE[status] then
   return {'inactive', status or 'missing'}
 end
 local raw = redis.call('HGET', run, 'w:' .. ARGV[1])

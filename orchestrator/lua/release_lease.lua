@@ -7,13 +7,14 @@
 -- ARGV: step key, Celery task id, worker ('<node>:<pid>'), and why the process let go
 --       when it died ('timeout' after the hard time limit; else 'died').
 -- Returns 1 when it changed something, else 0.
+-- Status names (ACTIVE, TERMINAL_STEP, RUNNING, ...) come from orchestrator/status.py.
 local rec = redis.call('HGET', KEYS[1], 's:' .. ARGV[1])
 if not rec then
   return 0
 end
 local lkey = 'l:' .. ARGV[1]
 local r = cjson.decode(rec)
-if r['status'] == 'running' and r['task_id'] == ARGV[2] and r['worker'] == ARGV[3] then
+if r['status'] == RUNNING and r['task_id'] == ARGV[2] and r['worker'] == ARGV[3] then
   local held = redis.call('HGET', KEYS[1], lkey)
   if held then
     local l = cjson.decode(held)

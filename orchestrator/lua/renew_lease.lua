@@ -8,12 +8,13 @@
 -- that workers' clocks need not agree} only while the step's record says it runs under that
 -- task id in that process. Returns 1 then, else 0 (the step ended, or runs elsewhere now,
 -- or the run is gone: nothing to renew).
+-- Status names (ACTIVE, TERMINAL_STEP, RUNNING, ...) come from orchestrator/status.py.
 local rec = redis.call('HGET', KEYS[1], 's:' .. ARGV[1])
 if not rec then
   return 0
 end
 local r = cjson.decode(rec)
-if r['status'] ~= 'running' or r['task_id'] ~= ARGV[2] or r['worker'] ~= ARGV[3] then
+if r['status'] ~= RUNNING or r['task_id'] ~= ARGV[2] or r['worker'] ~= ARGV[3] then
   return 0
 end
 local held = redis.call('HGET', KEYS[1], 'l:' .. ARGV[1])

@@ -3,9 +3,10 @@
 -- KEYS: run hash, events stream, the run's pending-signal list for this name.
 -- ARGV: signal name, payload JSON, event JSON, ttl.
 -- Returns {'resume', step key}, {'kept'}, or {'inactive', status}.
+-- Status names (ACTIVE, TERMINAL_STEP, RUNNING, ...) come from orchestrator/status.py.
 local run = KEYS[1]
 local status = redis.call('HGET', run, 'status')
-if status ~= 'running' and status ~= 'pending' and status ~= 'waiting' then
+if not ACTIVE[status] then
   return {'inactive', status or 'missing'}
 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[3])
