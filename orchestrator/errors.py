@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .client import Run
+
+class EndedRun(Protocol):
+    """What :class:`RunFailed` reads of a run (``orchestrator.client.Run`` is one)."""
+
+    id: str
+    flow: str
+    status: str
+    error: Any
 
 
 class OrchestratorError(Exception):
@@ -97,7 +103,7 @@ class StepError(OrchestratorError):
 class RunFailed(OrchestratorError):
     """A run ended failed, compensated or cancelled; ``run`` holds its final state."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: EndedRun):
         self.run = run
         err = run.error or {}
         msg = err.get("message") if isinstance(err, dict) else str(err)
