@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import LimitExceeded
 from ..limits import check_value
 from ..settings import Settings
-from ..store import ACTIVE, ENDED
+from ..status import ACTIVE, ENDED
 from .responses import error_body
 
 #: The run statuses a ``status`` query may name.
