@@ -494,7 +494,7 @@ class Client:
         self._wake(run_id, step)
 
     def _wake(self, run_id: str, key: str) -> None:
-        flow, version = self.store.r.hmget(self.store.run_key(run_id), ["flow", "version"])
+        flow, version = self.store.read_fields(run_id, ["flow", "version"])
         step, path = parse_key(key)
         wake_step(self.app, self.plan, StepAddress(run_id, flow, version, step, path))
 
@@ -524,9 +524,8 @@ class Client:
         fields = ["recovery", "phase", "error", "outputs", "finished_at"]
         for key in set(redo):
             fields += [f"{p}:{key}" for p in ("s", "o", "f", "n", "c", "e", "pe")]
-            self.store.r.delete(self.store.fanin_key(run_id, key))
+        self.store.reset_joins(run_id, sorted(set(redo)))
         self.store.delete_fields(run_id, fields)
-        self.store.r.delete(self.store.comp_key(run_id))
         self.store.move_run(
             run_id,
             ("failed",),
@@ -649,7 +648,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
         while True:
-            status = self.store.r.hget(self.store.run_key(run_id), "status")
+            (status,) = self.store.read_fields(run_id, ["status"])
             if status is None:
                 raise NotFound(f"run {run_id!r} does not exist")
             if status in ENDED:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,6 @@ from prometheus_client.utils import floatToGoString
 from .counters import RUN_BUCKETS, STEP_BUCKETS
 from .errors import OrchestratorError
 from .status import ACTIVE, ENDED
-from .store import _script
 
 if TYPE_CHECKING:
     from .client import Client
@@ -58,12 +57,11 @@ class OrchestratorCollector(Collector):
     def __init__(self, client: Client, pools_file: str | Path | None = DEFAULT_POOLS_FILE):
         self.client = client
         self.pools_file = Path(pools_file) if pools_file else None
-        self._count_runs = client.store.r.register_script(_script("count_runs"))
 
     def collect(self) -> Iterator[Metric]:
         store = self.client.store
         flows = store.flow_names()
-        yield from counter_families(store.r.hgetall(store.metrics_key()), flows)
+        yield from counter_families(store.metric_fields(), flows)
         yield from self._active_runs(flows)
         depths = self._queue_depths(self.known_queues(flows))
         if depths is not None:
@@ -77,31 +75,8 @@ class OrchestratorCollector(Collector):
             yield family
 
     def _active_runs(self, flows: list[str]) -> Iterator[Metric]:
-        """Runs not yet ended, by flow and status: two round trips per ``PAGE`` runs,
-        counted in Redis (``lua/count_runs.lua``), so only the counts travel."""
-        store = self.client.store
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        start = 0
-        while True:
-            ids = store.r.zrange(f"{store.p}runs:active", start, start + PAGE - 1)
-            if not ids:
-                break
-            start += PAGE
-            keys = [store.run_key(rid) for rid in ids]
-            if store.settings.redis_cluster:  # a script may not read keys of many slots
-                pipe = store.r.pipeline(transaction=False)
-                for key in keys:
-                    pipe.hmget(key, ["flow", "status"])
-                found = []
-                for n, (f, st) in Counter(tuple(v) for v in pipe.execute()).items():
-                    if f and st:
-                        found += [f"{f}|{st}", n]
-            else:
-                found = self._count_runs(keys=keys)
-            for key, n in zip(found[::2], found[1::2], strict=True):
-                flow, _, status = key.rpartition("|")
-                if status in ACTIVE:  # a run that ended since the index was read: skip
-                    counts[(flow, status)] += int(n)
+        """Runs not yet ended, by flow and status (counted in Redis: ``active_counts``)."""
+        counts = self.client.store.active_counts(PAGE)
         names = sorted({*flows, *(f for f, _ in counts)})
         for status in ACTIVE:
             family = GaugeMetricFamily(

@@ -59,13 +59,12 @@ from celery.contrib.testing.worker import test_worker_started, test_worker_stopp
 from celery.worker import state
 from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
-from redis.exceptions import NoScriptError
 
 from . import procgroup
 from .compiler import STEP_TASK
 from .plan import StepAddress
 from .settings import Settings
-from .store import RedisStore, _script
+from .store import RedisStore
 
 log = logging.getLogger("orchestrator.recovery")
 
@@ -87,8 +86,6 @@ class Heartbeat:
         #: Executions whose lease this node renewed: (run id, step key, task id, worker).
         self._leased: set[tuple[str, str, str, str]] = set()
         self._store = RedisStore(settings)  # connects on first use
-        self._renew = self._store.r.register_script(_script("renew_lease"))
-        self._release = self._store.r.register_script(_script("release_lease"))
         self._conn: Any = None
         self._channel: Any = None
         #: What the consumer's channel holds unacknowledged, tag -> message (kombu's QoS).
@@ -195,11 +192,8 @@ class Heartbeat:
     def _report(self, now: float) -> None:
         consumer = getattr(self.consumer, "task_consumer", None)
         queues = sorted(q.name for q in getattr(consumer, "queues", None) or ())
-        if self._stopping.is_set():
-            self._store.r.hdel(self._store.nodes_key(), self.node)
-            return
         info = {"queues": queues, "at": now, "pid": os.getpid()}
-        self._store.r.hset(self._store.nodes_key(), self.node, json.dumps(info))
+        self._store.report_node(self.node, None if self._stopping.is_set() else info)
 
     def _broker(self) -> Any:
         """A channel of our own on the broker; None when it is not Redis (real acks)."""
@@ -277,37 +271,12 @@ class Heartbeat:
         ended = self._leased.difference(running)
         if not running and not ended:
             return
-        run_key = self._store.run_key
-        calls = [
-            (self._renew, [run_key(run_id)], [key, task_id, worker, self.settings.lease_s])
-            for run_id, key, task_id, worker in running
-        ]
-        calls += [
-            (self._release, [run_key(run_id)], [key, task_id, worker])
-            for run_id, key, task_id, worker in ended
-        ]
-        renewed = self._scripts(calls)[: len(running)]
+        released = [(*ex, "died") for ex in ended]
+        renewed = self._store.leases(running, released, self.settings.lease_s)[: len(running)]
         # Keep what we leased until its request ends (then let go of it, above).
         self._leased = {
             ex for ex, ok in zip(running, renewed, strict=True) if ok or ex in self._leased
         }
-
-    def _scripts(self, calls: list[tuple[Any, list[str], list[Any]]]) -> list[Any]:
-        """Lua scripts on any runs' keys in one pipeline (one round trip, Cluster or not);
-        a script Redis does not have (restarted without AOF) is loaded and run again."""
-        r = self._store.r
-        pipe = r.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        res = pipe.execute(raise_on_error=False)
-        for i, out in enumerate(res):
-            if isinstance(out, NoScriptError):
-                script, keys, args = calls[i]
-                r.script_load(script.script)
-                res[i] = r.evalsha(script.sha, len(keys), *keys, *args)
-            elif isinstance(out, Exception):
-                raise out
-        return res
 
     def release_now(self, request: Any, why: str = "died") -> None:
         """The pool process running ``request`` died: its step's lease lapses now, saying
@@ -316,9 +285,8 @@ class Heartbeat:
         if ex is None or (self.settings.heartbeat_s <= 0 and why == "died"):
             return
         run_id, key, task_id, worker = ex
-        args = [key, task_id, worker, why]
         try:
-            self._scripts([(self._release, [self._store.run_key(run_id)], args)])
+            self._store.leases([], [(run_id, key, task_id, worker, why)], self.settings.lease_s)
         except Exception as exc:  # noqa: BLE001 - then the lease just runs out
             log.warning("could not release the lease of %s in run %s: %s", key, run_id, exc)
 

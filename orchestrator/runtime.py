@@ -866,9 +866,7 @@ class Execution:
 
     def _run_outcome(self, wait: dict[str, Any]) -> tuple[str, Any] | None:
         """How a wait on another run ends now, or None while that run goes on."""
-        flow, status, outputs = self.store.r.hmget(
-            self.store.run_key(wait["run"]), ["flow", "status", "outputs"]
-        )
+        flow, status, outputs = self.store.read_fields(wait["run"], ["flow", "status", "outputs"])
         if status is None:
             return ("failed", f"run {wait['run']} does not exist")
         if wait.get("flow") and flow != wait["flow"]:
@@ -902,9 +900,7 @@ class Execution:
 
     def resume_subflow(self, child_id: str) -> None:
         """The child run ended: end this step with its outputs, or fail with its error."""
-        status, outputs, error = self.store.r.hmget(
-            self.store.run_key(child_id), ["status", "outputs", "error"]
-        )
+        status, outputs, error = self.store.read_fields(child_id, ["status", "outputs", "error"])
         self._read(
             [*self._fields(set(), self.tail and self.plan.is_final(self.node)), f"s:{self.key}"]
         )
@@ -1004,11 +1000,7 @@ class Execution:
         window, limit = (per, int(n)) if n >= 1 else (per / n, 1)
         now = time.time()
         slot = int(now // window)
-        key = f"{self.store.p}rate:{self.plan.name}:{self.node.id}:{slot}"
-        pipe = self.store.r.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, int(window) + 1)
-        if pipe.execute()[0] <= limit:
+        if self.store.rate_hit(self.plan.name, self.node.id, slot, window) <= limit:
             return True
         self.deferred += 1
         raise self.task.retry(

@@ -46,16 +46,10 @@ def sweep(eng: Engine, task: Task, now: float | None = None, force: bool = False
     """One pass over the next ``SWEEP_RUNS`` active runs; what it did, by kind."""
     now = time.time() if now is None else now
     store = eng.store
-    r, p = store.r, store.p
     done = {"published": 0, "unconsumed": 0, "reaped": 0}
-    period = int(eng.settings.sweep_s * 1000)
-    if not force and not r.set(f"{p}sweep:lock", "1", nx=True, px=period):
+    if not force and not store.claim_sweep(eng.settings.sweep_s):
         return done
-    cursor = float(r.get(f"{p}sweep:cursor") or "-inf")
-    ids = r.zrangebyscore(
-        f"{p}runs:active", f"({cursor}", now, start=0, num=SWEEP_RUNS, withscores=True
-    )
-    r.set(f"{p}sweep:cursor", ids[-1][1] if len(ids) == SWEEP_RUNS else "-inf")
+    ids = store.sweep_batch(now, SWEEP_RUNS)
     nodes = _live_queues(eng, now)
     for run_id, _score in ids:
         try:
@@ -67,12 +61,11 @@ def sweep(eng: Engine, task: Task, now: float | None = None, force: bool = False
 
 def _live_queues(eng: Engine, now: float) -> set[str] | None:
     """Queues consumed by workers that heartbeated within a lease; None: nobody reports."""
-    raw = eng.store.r.hgetall(eng.store.nodes_key())
-    if not raw:
+    reports = eng.store.nodes()
+    if not reports:
         return None
     queues: set[str] = set()
-    for info in raw.values():
-        node = json.loads(info)
+    for node in reports.values():
         if now - node.get("at", 0) <= eng.settings.lease_s * 2:
             queues.update(node.get("queues", []))
     return queues

@@ -14,7 +14,7 @@ QUOTED = re.compile("['\"](" + "|".join(sorted(NAMES)) + ")['\"]")
 
 def lua_files() -> list:
     return sorted(
-        (f for f in resources.files("orchestrator").joinpath("lua").iterdir()),
+        (f for f in resources.files("orchestrator.store").joinpath("lua").iterdir()),
         key=lambda f: f.name,
     )
 

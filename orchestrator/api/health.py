@@ -21,7 +21,7 @@ def add_routes(router: APIRouter, client: Client, token: list[Any]) -> None:
     def healthz() -> JSONBody:
         """Liveness: pings Redis; 503 when it cannot be reached."""
         try:
-            client.store.r.ping()
+            client.store.ping()
         except redis.RedisError as exc:
             return unavailable(f"cannot reach Redis: {exc}", status="down")
         return JSONBody({"status": "ok", "redis": "ok"})

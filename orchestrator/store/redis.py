@@ -1,47 +1,10 @@
-"""Run state in Redis.
+"""The Redis store: the only code that sends commands on orchestrator keys.
 
-Key layout (``P`` is the configured prefix, default ``orch:``; ``{R}`` is a run id in
-braces, a Redis Cluster hash tag, so every key of one run lives on one shard):
-
-=================================  =========================================================
-``P{R}:run``                       hash: the run (``id flow version status inputs outputs
-                                   error created_at started_at finished_at parent ...``),
-                                   each step instance's record ``s:<key>`` (JSON: status,
-                                   attempts, started_at, finished_at, worker, task_id, input,
-                                   error) and output ``o:<key>`` (JSON), and the lease
-                                   ``l:<key>`` of a running step (``recovery.py``)
-``P{R}:events``                    stream: the run's audit trail, one JSON field ``e`` each
-``P{R}:fanin:<key>``               set: arrivals at one fan-in (deleted when it fires)
-``P{R}:comp``                      list: keys of succeeded steps that have ``compensate``,
-                                   in order of completion (the saga's undo log)
-``P{R}:sig:<name>``                list: signals that arrived before a step waited for them
-``P{R}:watchers``                  list: steps of other runs waiting for this run to end
-``Ptimers``                        sorted set: parked steps by due time (JSON members:
-                                   ``plan.StepAddress`` lists, as in ``P{R}:watchers``)
-``Pschedules``                     hash: schedule name -> its spec (JSON)
-``Pschedule:<name>``               hash: ``next`` fire time, ``last`` fire, ``error``
-``Pfired:<name>:<time>``           string: one fire time claimed (two beats, one run)
-``Pflows``                         set: deployed flow names
-``Pflow:<name>``                   hash: ``version state deployed_at``
-``Pflowdef:<name>:<version>``      string: the definition document (JSON), immutable
-``Pidem:<flow>:<key>``             string: run id owning an idempotency key (TTL = retention)
-``Pruns`` / ``Pruns:flow:<name>``  sorted sets of run ids by creation time
-``Pruns:active``                   sorted set of runs not yet ended
-``Pruns:status:<status>``          sorted sets of ended runs by end time
-``Pres:<kind>``                    hash: name -> spec (JSON) of each deployed Variable
-                                   (a secret only as its ``${env.NAME}`` reference),
-                                   Service and EventSubscription
-``Pchannel:<name>``                stream: events published to a channel (``e``: JSON)
-``Pchannel:<name>:dead``           stream: events that could not start a run, with why
-``Pmetrics``                       hash: counters and histogram buckets for ``/metrics``
-                                   (its fields: ``orchestrator/counters.py``)
-=================================  =========================================================
-
-Each state change of a run is one Lua script (``lua/*.lua``) touching only that run's
-keys; index updates and metric counts ride in the same pipeline. Indexes may briefly
+Which keys and hash fields exist is written once, in :mod:`.keys`; each state change of
+a run is one Lua script (``lua/*.lua``, loaded by :mod:`.scripts`) touching only that
+run's keys; index updates and metric counts ride in the same pipeline. Indexes may briefly
 list a run in a stale status, so readers check the run hash and drop what does not
 match; a count the script turns out not to earn is taken back at once.
-
 No secret's value is ever written: every method that writes user-derived data (run
 and step records, outputs, errors, events, waits, signals, decisions, forEach items,
 channel entries, schedules, definitions, resource specs) passes it through
@@ -58,18 +21,19 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError
 
-from .counters import Counts, run_counts
-from .plan import StepAddress
-from .redisconn import redis_client
-from .settings import Settings
-from .status import ACTIVE, ENDED, lua_constants
-from .variables import learn_secrets, mask
+from ..counters import Counts, run_counts
+from ..plan import StepAddress
+from ..redisconn import redis_client
+from ..settings import Settings
+from ..status import ACTIVE, ENDED
+from ..variables import learn_secrets, mask
+from . import keys
+from .scripts import script as _script
 
 #: How long a store trusts the secret Variables it learned before reading them again.
 #: A Variable deployed meanwhile is learned sooner whenever this process reads the
@@ -79,12 +43,6 @@ SECRETS_REFRESH_S = 30.0
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _script(name: str) -> str:
-    """The source of ``lua/<name>.lua`` after the status names it tests (``status.py``)."""
-    source = resources.files("orchestrator").joinpath(f"lua/{name}.lua").read_text()
-    return lua_constants() + source
 
 
 class RedisStore:
@@ -107,10 +65,131 @@ class RedisStore:
         self._unpark = self.r.register_script(_script("unpark"))
         self._signal = self.r.register_script(_script("signal"))
         self._decide = self.r.register_script(_script("decide"))
+        self._renew = self.r.register_script(_script("renew_lease"))
+        self._release = self.r.register_script(_script("release_lease"))
+        self._count_runs = self.r.register_script(_script("count_runs"))
         self._secrets_due = 0.0  # monotonic time of the next read of the secret Variables
 
     def close(self) -> None:
         self.r.close()
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    # -- leases and worker nodes (recovery.py) -------------------------------------------
+
+    def leases(
+        self,
+        renew: list[tuple[str, str, str, str]],
+        release: list[tuple[str, str, str, str, str]],
+        lease_s: float,
+    ) -> list[Any]:
+        """Renew (run, step key, task id, worker) leases and release (..., why) ones, all in
+        one pipeline (``lua/renew_lease.lua``, ``lua/release_lease.lua``); the results in
+        order, 1 where the script changed something."""
+        calls = [
+            (self._renew, [self.run_key(run)], [key, task, worker, lease_s])
+            for run, key, task, worker in renew
+        ]
+        calls += [
+            (self._release, [self.run_key(run)], [key, task, worker, why])
+            for run, key, task, worker, why in release
+        ]
+        return self._scripts(calls)
+
+    def _scripts(self, calls: list[tuple[Any, list[str], list[Any]]]) -> list[Any]:
+        """Lua scripts on any runs' keys in one pipeline (one round trip, Cluster or not);
+        a script Redis does not have (restarted without AOF) is loaded and run again."""
+        pipe = self.r.pipeline(transaction=False)
+        for script, keys_, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys_), *keys_, *args)
+        res = pipe.execute(raise_on_error=False)
+        for i, out in enumerate(res):
+            if isinstance(out, NoScriptError):
+                script, keys_, args = calls[i]
+                self.r.script_load(script.script)
+                res[i] = self.r.evalsha(script.sha, len(keys_), *keys_, *args)
+            elif isinstance(out, Exception):
+                raise out
+        return res
+
+    def report_node(self, node: str, info: dict[str, Any] | None) -> None:
+        """What a worker node consumes (its heartbeat), or None: it is stopping."""
+        if info is None:
+            self.r.hdel(self.nodes_key(), node)
+        else:
+            self.r.hset(self.nodes_key(), node, dumps(info))
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {n: json.loads(v) for n, v in self.r.hgetall(self.nodes_key()).items()}
+
+    # -- the sweep (sweep.py) -------------------------------------------------------------
+
+    def claim_sweep(self, period_s: float) -> bool:
+        """True for the one caller that may sweep now (at most once per ``period_s``)."""
+        ms = max(int(period_s * 1000), 1)
+        return bool(self.r.set(keys.sweep_lock(self.p), "1", nx=True, px=ms))
+
+    def sweep_batch(self, now: float, limit: int) -> list[tuple[str, float]]:
+        """The next ``limit`` active runs after the sweep's cursor (then it starts over)."""
+        cursor = float(self.r.get(keys.sweep_cursor(self.p)) or "-inf")
+        ids = self.r.zrangebyscore(
+            keys.runs_active(self.p), f"({cursor}", now, start=0, num=limit, withscores=True
+        )
+        self.r.set(keys.sweep_cursor(self.p), ids[-1][1] if len(ids) == limit else "-inf")
+        return ids
+
+    # -- metrics (metrics.py) --------------------------------------------------------------
+
+    def metric_fields(self) -> dict[str, str]:
+        return self.r.hgetall(self.metrics_key())
+
+    def active_counts(self, page: int) -> dict[tuple[str, str], int]:
+        """Runs not yet ended, by (flow, status): two round trips per ``page`` runs, counted
+        in Redis (``lua/count_runs.lua``) so only the counts travel."""
+        counts: dict[tuple[str, str], int] = {}
+        start = 0
+        while True:
+            ids = self.r.zrange(keys.runs_active(self.p), start, start + page - 1)
+            if not ids:
+                return counts
+            start += page
+            run_keys = [self.run_key(rid) for rid in ids]
+            if self.settings.redis_cluster:  # a script may not read keys of many slots
+                pipe = self.r.pipeline(transaction=False)
+                for key in run_keys:
+                    pipe.hmget(key, ["flow", "status"])
+                found: list[Any] = []
+                tally: dict[tuple[str, str], int] = {}
+                for f, st in pipe.execute():
+                    if f and st:
+                        tally[(f, st)] = tally.get((f, st), 0) + 1
+                for (f, st), n in tally.items():
+                    found += [f"{f}|{st}", n]
+            else:
+                found = self._count_runs(keys=run_keys)
+            for key, n in zip(found[::2], found[1::2], strict=True):
+                flow, _, status = key.rpartition("|")
+                if status in ACTIVE:  # a run that ended since the index was read: skip
+                    counts[(flow, status)] = counts.get((flow, status), 0) + int(n)
+
+    # -- rate limits (runtime.py) ----------------------------------------------------------
+
+    def rate_hit(self, flow: str, step: str, slot: int, window: float) -> int:
+        """Count one start of ``step`` in its rate window ``slot``; the count so far."""
+        key = keys.rate(self.p, flow, step, slot)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, int(window) + 1)
+        return int(pipe.execute()[0])
+
+    def reset_joins(self, run_id: str, step_keys: list[str]) -> None:
+        """Forget the fan-ins of ``step_keys`` and the saga's undo log (a retried run)."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in step_keys:
+            pipe.delete(self.fanin_key(run_id, key))
+        pipe.delete(self.comp_key(run_id))
+        pipe.execute()
 
     # -- secrets ------------------------------------------------------------------------
 
@@ -163,29 +242,28 @@ class RedisStore:
     # -- keys ---------------------------------------------------------------------------
 
     def run_key(self, run_id: str) -> str:
-        return f"{self.p}{{{run_id}}}:run"
+        return keys.run(self.p, run_id)
 
     def events_key(self, run_id: str) -> str:
-        return f"{self.p}{{{run_id}}}:events"
+        return keys.events(self.p, run_id)
 
     def fanin_key(self, run_id: str, key: str) -> str:
-        return f"{self.p}{{{run_id}}}:fanin:{key}"
+        return keys.fanin(self.p, run_id, key)
 
     def comp_key(self, run_id: str) -> str:
-        return f"{self.p}{{{run_id}}}:comp"
+        return keys.comp(self.p, run_id)
 
     def signal_key(self, run_id: str, name: str) -> str:
-        return f"{self.p}{{{run_id}}}:sig:{name}"
+        return keys.signal(self.p, run_id, name)
 
     def watchers_key(self, run_id: str) -> str:
-        return f"{self.p}{{{run_id}}}:watchers"
+        return keys.watchers(self.p, run_id)
 
     def metrics_key(self) -> str:
-        return f"{self.p}metrics"
+        return keys.metrics(self.p)
 
     def nodes_key(self) -> str:
-        """Hash: worker node name -> JSON ``{queues, at, pid}`` from its heartbeat."""
-        return f"{self.p}nodes"
+        return keys.nodes(self.p)
 
     # -- definitions --------------------------------------------------------------------
 
