@@ -1,4 +1,4 @@
-"""The command line without Redis (orchestrator/cli.py): what works on files alone,
+"""The command line without Redis (orchestrator/cli/): what works on files alone,
 exit statuses, usage errors and option parsing. Commands that talk to Redis and
 workers are in tests/integration/test_cli_integration.py.
 """
