@@ -25,8 +25,6 @@ from .base import (
     status_cell,
 )
 
-# -- flows --------------------------------------------------------------------------------
-
 
 @click.group()
 def flows() -> None:
