@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # The dashboard's browser test drives Debian's chromium through chromedriver: install them
 # when missing (as root, with apt-get); otherwise that test skips, or fails when CI is set.

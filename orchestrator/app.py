@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery, signals
 
 from . import procgroup
+from .publishing import untracked_now
 from .redisconn import queue_max_priority, transport_options
 from .settings import Settings, get_settings
 
@@ -69,29 +70,9 @@ signals.worker_process_init.connect(
     procgroup.on_pool_process_init, weak=False, dispatch_uid="orchestrator.procgroup"
 )
 
-_untracked = threading.local()
-
-
-@contextmanager
-def results_untracked() -> Iterator[None]:
-    """Publish canvas without registering its results with the result backend.
-
-    ``group.apply_async`` (so every chord) hands each member's result to the backend's
-    consumer for a readiness barrier; with the Redis backend that is a pub/sub
-    subscription per member that nothing ever reads or releases (celery#4707, #5320),
-    so a long-lived producer leaks channels. Steps keep no Celery results (outputs live
-    in run state), so the orchestrator publishes its canvas inside this block.
-    """
-    before = getattr(_untracked, "on", False)
-    _untracked.on = True
-    try:
-        yield
-    finally:
-        _untracked.on = before
-
 
 class OrchestratorCelery(Celery):
-    """Celery whose result backend skips result tracking inside :func:`results_untracked`,
+    """Celery whose result backend skips result tracking while :mod:`.publishing` asks it to,
     and whose producers are re-entrant per thread (:meth:`producer_or_acquire`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -133,7 +114,7 @@ class OrchestratorCelery(Celery):
             def add_pending_result(
                 result: Any, weak: bool = False, start_drainer: bool = True
             ) -> Any:
-                if getattr(_untracked, "on", False):
+                if untracked_now():
                     return result
                 return track(result, weak=weak, start_drainer=start_drainer)
 

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from billiard.einfo import ExceptionWithTraceback
 from celery import Celery, Task, shared_task, signals
 from celery._state import _task_stack
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from . import expressions, httpcalls, procgroup
-from .app import results_untracked
 from .compiler import STEP_TASK, CanvasBuilder
 from .counters import Counts, run_counts, step_counts
 from .errors import (
@@ -54,10 +54,18 @@ from .limits import check_value
 from .model import ServiceSpec
 from .plan import Node, Plan, PlanCache, StepAddress, node_key
 from .policy import retry_countdown
+from .publishing import publish
 from .settings import Settings
 from .status import ENDED
 from .store import NO_OUTPUT, RedisStore
-from .variables import VariableMap, install_log_filter, mask, mask_task_report
+from .variables import (
+    VariableMap,
+    install_log_filter,
+    known_secrets,
+    mask,
+    mask_exception,
+    safe_text,
+)
 
 log = logging.getLogger("orchestrator.runtime")
 
@@ -71,14 +79,53 @@ def _mask_secrets(logger: logging.Logger | None = None, **_: Any) -> None:
 
 @signals.task_failure.connect(weak=False)
 def _masked_failure(einfo: Any = None, **_: Any) -> None:
-    """No secret in what Celery reports of a failed task (see :mod:`.variables`)."""
+    """No secret in what Celery reports of a failed task (:func:`mask_task_report`)."""
     mask_task_report(einfo)
 
 
 @signals.task_retry.connect(weak=False)
 def _masked_retry(einfo: Any = None, **_: Any) -> None:
-    """No secret in what Celery reports of a task it retries (see :mod:`.variables`)."""
+    """No secret in what Celery reports of a task it retries (:func:`mask_task_report`)."""
     mask_task_report(einfo)
+
+
+def mask_task_report(einfo: Any) -> None:
+    """Mask what Celery reports of a task that failed or will be retried: the exception
+    (its repr goes to the task event) and the traceback text (the event and the log).
+
+    ``einfo`` is the ``ExceptionInfo`` that the pool process hands back to the worker's
+    main process, which sends the ``task-failed``/``task-retried`` event from it."""
+    secrets = known_secrets()
+    if einfo is None or not secrets:
+        return
+    if isinstance(getattr(einfo, "traceback", None), str):
+        einfo.traceback = mask(einfo.traceback, secrets)
+    exc = getattr(einfo, "exception", None)
+    if isinstance(exc, BaseException):
+        masked = _mask_reported(exc, secrets)
+        if masked is not exc:
+            einfo.exception, einfo.type = masked, type(masked)
+
+
+def _mask_reported(exc: BaseException, secrets: frozenset[str]) -> BaseException:
+    """:func:`mask_exception` through the wrappers Celery reports: billiard's
+    ``ExceptionWithTraceback`` (an exception and its traceback text, both sent to the
+    main process) and ``Retry`` (the error it retries after: ``task-retried`` shows it)."""
+    if isinstance(exc, ExceptionWithTraceback):
+        exc.tb = mask(exc.tb, secrets)
+        if isinstance(exc.exc, BaseException):
+            exc.exc = _mask_reported(exc.exc, secrets)
+        return exc
+    if isinstance(exc, Retry):
+        if isinstance(exc.exc, BaseException):
+            exc.exc = _mask_reported(exc.exc, secrets)
+            exc.excs = safe_text(repr, exc.exc)
+        elif isinstance(exc.excs, str):
+            exc.excs = mask(exc.excs, secrets)
+        if isinstance(exc.message, str):
+            exc.message = mask(exc.message, secrets)
+        return exc
+    return mask_exception(exc, secrets)
 
 
 @dataclass(frozen=True)
@@ -1357,25 +1404,6 @@ class Execution:
 
     def _publish(self, sigs: list) -> None:
         publish(self.task.app, sigs)
-
-
-def publish(app: Celery, sigs: list) -> None:
-    """Send canvas on one producer connection, tracking no Celery results (see app.py).
-
-    Several signatures go out in pipelined batches (kombu's ``Producer.batch``, one
-    round trip per batch instead of one per message: celery#6973), which is what lets a
-    forEach publish thousands of children quickly.
-    """
-    with results_untracked(), app.producer_or_acquire() as producer:
-        batch = getattr(producer, "batch", None)
-        many = len(sigs) > 1 and batch is not None
-        with batch(max_size=PUBLISH_BATCH) if many else contextlib.nullcontext():
-            for sig in sigs:
-                sig.apply_async(producer=producer)
-
-
-#: Redis commands buffered per pipelined publish.
-PUBLISH_BATCH = 500
 
 
 PlanFor = Callable[[str, str], Plan]

@@ -176,60 +176,18 @@ def mask_exception(exc: BaseException, secrets: frozenset[str] | None = None) ->
         except (AttributeError, TypeError):  # an exception that will not take new args
             pass
         todo += [e.__cause__, e.__context__]
-    if _leaks(_safe_text(str, exc), secrets) or _leaks(_safe_text(repr, exc), secrets):
-        replacement = StepError(mask(f"{type(exc).__name__}: {_safe_text(str, exc)}", secrets))
+    if _leaks(safe_text(str, exc), secrets) or _leaks(safe_text(repr, exc), secrets):
+        replacement = StepError(mask(f"{type(exc).__name__}: {safe_text(str, exc)}", secrets))
         replacement.__suppress_context__ = True
         return replacement
     return exc
 
 
-def _safe_text(how: Callable[[Any], str], exc: BaseException) -> str:
+def safe_text(how: Callable[[Any], str], exc: BaseException) -> str:
     try:
         return how(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ shows no secret either
         return type(exc).__name__
-
-
-def mask_task_report(einfo: Any) -> None:
-    """Mask what Celery reports of a task that failed or will be retried: the exception
-    (its repr goes to the task event) and the traceback text (the event and the log).
-
-    ``einfo`` is the ``ExceptionInfo`` that the pool process hands back to the worker's
-    main process, which sends the ``task-failed``/``task-retried`` event from it."""
-    secrets = known_secrets()
-    if einfo is None or not secrets:
-        return
-    if isinstance(getattr(einfo, "traceback", None), str):
-        einfo.traceback = mask(einfo.traceback, secrets)
-    exc = getattr(einfo, "exception", None)
-    if isinstance(exc, BaseException):
-        masked = _mask_reported(exc, secrets)
-        if masked is not exc:
-            einfo.exception, einfo.type = masked, type(masked)
-
-
-def _mask_reported(exc: BaseException, secrets: frozenset[str]) -> BaseException:
-    """:func:`mask_exception` through the wrappers Celery reports: billiard's
-    ``ExceptionWithTraceback`` (an exception and its traceback text, both sent to the
-    main process) and ``Retry`` (the error it retries after: ``task-retried`` shows it)."""
-    from billiard.einfo import ExceptionWithTraceback
-    from celery.exceptions import Retry
-
-    if isinstance(exc, ExceptionWithTraceback):
-        exc.tb = mask(exc.tb, secrets)
-        if isinstance(exc.exc, BaseException):
-            exc.exc = _mask_reported(exc.exc, secrets)
-        return exc
-    if isinstance(exc, Retry):
-        if isinstance(exc.exc, BaseException):
-            exc.exc = _mask_reported(exc.exc, secrets)
-            exc.excs = _safe_text(repr, exc.exc)
-        elif isinstance(exc.excs, str):
-            exc.excs = mask(exc.excs, secrets)
-        if isinstance(exc.message, str):
-            exc.message = mask(exc.message, secrets)
-        return exc
-    return mask_exception(exc, secrets)
 
 
 def shown(spec: Mapping[str, Any]) -> Any:

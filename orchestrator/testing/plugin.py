@@ -254,12 +254,12 @@ def orchestrator_worker(orchestrator_client: FlowClient) -> WorkerProcess:
 def _worker_controller() -> type:
     from celery.contrib.testing.worker import TestWorkController
 
-    from ..app import results_untracked
+    from ..publishing import results_untracked
 
     class InProcessWorkController(TestWorkController):
         """The embedded worker; its thread publishes without tracking Celery results.
 
-        Steps keep no Celery results (see :func:`orchestrator.app.results_untracked`);
+        Steps keep no Celery results (see :func:`orchestrator.publishing.results_untracked`);
         a chord started from a chain link would otherwise subscribe to result channels
         that outlive the test and its Redis.
         """
