@@ -108,3 +108,129 @@ def test_scripts_survive_a_script_flush(store):
     store.r.script_flush()
     final = {"status": "succeeded", "finished_at": time.time()}
     assert store.complete_step(rid, [("a", rec("succeeded"), 1)], [], final) == "ok"
+
+
+# -- the rest of the store's contract: every script and method, redis and cluster alike --
+
+
+def test_move_run_is_compare_and_set_and_indexes_the_end(store):
+    import redis
+
+    rid = new_run(store)
+    assert store.move_run(rid, ("pending",), "cancelled", {"type": "run.cancelled"}) == "pending"
+    with pytest.raises(redis.ResponseError, match="status:cancelled"):
+        store.move_run(rid, ("pending", "running"), "failed", {"type": "run.failed"})
+    assert store.run_ids(status="cancelled") == [rid]
+    assert 0 < store.r.ttl(store.run_key(rid)) <= store.settings.retention_s
+
+
+def test_compensation_phase_is_entered_once_with_the_undo_log(store):
+    rid = new_run(store)
+    store.begin_step(rid, "a", "t1", True, rec("running"), None, [])
+    done = [("a", rec("succeeded"), 1)]
+    assert store.complete_step(rid, done, [], compensable=['["a", []]']) == "ok"
+    assert store.begin_recovery(rid, {"type": "E"}, {"type": "run.failing"}) == ['["a", []]']
+    assert store.begin_recovery(rid, {"type": "E"}, {"type": "run.failing"}) is None
+    # Only compensation steps may start now.
+    assert store.begin_step(rid, "b", "t2", True, rec("running", "t2"), None, [])[0] == "inactive"
+    verdict = store.begin_step(rid, "undo", "t3", True, rec("running", "t3"), None, [], True)[0]
+    assert verdict == "run"
+
+
+def test_foreach_counts_each_item_once_and_frees_a_slot_per_arrival(store):
+    rid = new_run(store)
+    store.foreach_start(rid, "each", ["x", "y", "z"], 2)
+    assert store.read_fields(rid, ["i:each[2]", "n:each"]) == ['"z"', "3"]
+    assert store.foreach_arrive(rid, "each", 0) == (False, 2)
+    assert store.foreach_arrive(rid, "each", 0) == (False, None)  # redelivered: counted once
+    assert store.foreach_arrive(rid, "each", 1) == (False, None)
+    assert store.foreach_arrive(rid, "each", 2) == (True, None)
+
+
+def test_park_signal_unpark_and_decide(store):
+    from orchestrator.plan import StepAddress
+
+    rid = new_run(store)
+    # A signal that comes first is kept for the wait that starts later.
+    assert store.signal(rid, "paid", {"n": 1}, {"type": "signal.received"})[0] == "kept"
+    waiting = {**rec("waiting"), "started_at": time.time()}
+    verdict, payload = store.park(
+        rid, "w", waiting, {"kind": "signal", "signal": "paid"}, {"type": "step.waiting"}, None
+    )
+    assert (verdict, payload) == ("signalled", {"n": 1})
+    # An approval: only a listed approver decides, and once.
+    wait = {"kind": "approval", "approvers": ["ann"], "deadline": time.time() + 60}
+    address = StepAddress(rid, "f", "v", "ok")
+    assert store.park(rid, "ok", waiting, wait, {"type": "step.waiting"}, address)[0] == "parked"
+    assert store.due_timers(time.time() + 120) == [address]
+    assert store.due_timers(time.time() + 120) == []  # a timer is claimed once
+    decision = {"decision": "approved", "by": "bob"}
+    assert store.decide(rid, "ok", "bob", decision, {"type": "step.approved"})[0] == "forbidden"
+    decision["by"] = "ann"
+    assert store.decide(rid, "ok", "ann", decision, {"type": "step.approved"}) == ["ok"]
+    assert store.decide(rid, "ok", "ann", decision, {"type": "step.approved"}) == ["decided"]
+    assert store.unpark(rid, "ok") is True
+    assert store.unpark(rid, "ok") is False  # one resumer wins
+
+
+def test_watchers_and_the_parent_hear_of_a_run_end(store):
+    from orchestrator.plan import StepAddress
+
+    rid = new_run(store)
+    address = StepAddress("other", "g", "v2", "wait", (3,))
+    store.add_watcher(rid, address)
+    store.set_fields(rid, {"parent": {"run": "p", "step": "call"}})
+    parent, watchers = store.end_listeners(rid)
+    assert parent == {"run": "p", "step": "call"} and watchers == [address]
+
+
+def test_leases_renew_release_and_keep_why_a_step_died(store):
+    rid = new_run(store)
+    running = {**rec("running"), "worker": "w:1", "started_at": time.time(), "lease": 2}
+    store.begin_step(rid, "a", "t1", True, running, None, [])
+    assert store.leases([(rid, "a", "t1", "w:1")], [], 5.0) == [1]
+    assert store.leases([], [(rid, "a", "t1", "w:1", "timeout")], 5.0) == [1]
+    # A later release (the heartbeat's) keeps the first reason; a lapsed lease is not renewed.
+    assert store.leases([(rid, "a", "t1", "w:1")], [(rid, "a", "t1", "w:1", "died")], 5.0) == [
+        0,
+        0,
+    ]
+    verdict, _s, again, _ = store.begin_step(rid, "a", "t1", True, running, None, [])
+    assert verdict == "lost" and again["lost_why"] == "timeout"
+
+
+def test_idempotency_rates_nodes_sweep_and_counts(store):
+    rid = new_run(store)
+    assert store.claim_idempotency("f", "k", rid) == rid
+    assert store.claim_idempotency("f", "k", "another") == rid
+    assert [store.rate_hit("f", "a", 7, 1.0) for _ in range(3)] == [1, 2, 3]
+    store.report_node("n1", {"queues": ["q"], "at": 1.0})
+    assert store.nodes() == {"n1": {"queues": ["q"], "at": 1.0}}
+    store.report_node("n1", None)
+    assert store.nodes() == {}
+    assert store.claim_sweep(60) is True and store.claim_sweep(60) is False
+    ids = [rid, new_run(store), new_run(store)]
+    first = store.sweep_batch(time.time() + 1, 2)
+    rest = store.sweep_batch(time.time() + 1, 2)
+    assert [i for i, _ in first + rest] == ids  # the cursor goes on where it stopped
+    assert store.active_counts(page=2) == {("f", "pending"): 3}
+    store.reset_joins(rid, ["p"])
+    assert not store.r.exists(store.fanin_key(rid, "p"), store.comp_key(rid))
+
+
+def test_definitions_resources_channels_and_schedules(store):
+    assert store.save_definition("fl", "v1", {"kind": "Flow"}, "started") is True
+    assert store.save_definition("fl", "v1", {"kind": "Flow"}, "stopped") is False
+    assert store.get_definition("fl", "v1") == {"kind": "Flow"}
+    assert store.flow_info("fl")["state"] == "started" and store.flow_names() == ["fl"]
+    assert store.save_resource("Service", "s", {"address": "http://x"}) is True
+    assert store.resource("Service", "s") == {"address": "http://x"}
+    entry = store.add_event("orders", {"id": "e1", "data": 1})
+    assert store.channel_entry("orders", entry) == {"id": "e1", "data": 1}
+    dead = store.add_event("orders", {"id": "e1", "why": "x"}, dead=True)
+    assert store.remove_dead("orders", dead) is True
+    store.save_schedule("nightly", {"flow": "fl"}, 100.0, reset=True)
+    assert store.schedules() == {"nightly": {"flow": "fl"}}
+    assert (
+        store.claim_fire("nightly", 100.0) is True and store.claim_fire("nightly", 100.0) is False
+    )
