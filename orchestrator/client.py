@@ -9,14 +9,16 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from celery import Celery
+from pydantic import ValidationError
 
 from . import events
 from .app import create_app
 from .compiler import CanvasBuilder
+from .dsl import Flow
 from .errors import (
     DefinitionError,
     Forbidden,
@@ -27,7 +29,16 @@ from .errors import (
     RunFailed,
 )
 from .inputs import validate_inputs
-from .loader import Loaded, load, load_string, validate_flow, version_of
+from .loader import (
+    Loaded,
+    find_subflow_cycle,
+    load,
+    load_string,
+    subflow_calls,
+    subflow_cycle_message,
+    validate_flow,
+    version_of,
+)
 from .model import (
     EventSubscriptionResource,
     FlowResource,
@@ -42,10 +53,7 @@ from .settings import Settings
 from .status import ACTIVE, ENDED
 from .store import RedisStore
 from .variables import shown
-
-if TYPE_CHECKING:
-    from .dsl import Flow
-
+from .yamlsource import format_path
 
 #: Resources stored by name only (no versions, no state of their own).
 _NAMED_KINDS = (VariableResource, ServiceResource, EventSubscriptionResource)
@@ -196,9 +204,6 @@ class Client:
         The call graph is the deployed flows' (read from Redis, only those reachable from
         this deploy) with this deploy's flows replacing theirs.
         """
-        from .loader import find_subflow_cycle, subflow_calls, subflow_cycle_message
-        from .yamlsource import format_path
-
         calls = {name: subflow_calls(flow) for name, flow in batch.items()}
         graph: dict[str, set[str]] = {name: set(c) for name, c in calls.items()}
         todo = [n for names in graph.values() for n in names]
@@ -223,10 +228,6 @@ class Client:
 
     def _deployed_subflows(self, name: str) -> set[str]:
         """The flows the deployed version of ``name`` starts as subflows (none if not deployed)."""
-        from pydantic import ValidationError
-
-        from .loader import subflow_calls
-
         info = self.store.flow_info(name)
         doc = self.store.get_definition(name, info["version"]) if info else None
         if doc is None:
@@ -238,8 +239,6 @@ class Client:
         return set(subflow_calls(flow))
 
     def _load(self, sources: Iterable[Any]) -> list[Loaded]:
-        from .dsl import Flow
-
         out: list[Loaded] = []
         for src in sources:
             if isinstance(src, Flow):

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .loader import load_string
 from .model import (
     AnyStep,
     FlowResource,
@@ -252,8 +253,6 @@ class Flow:
     @classmethod
     def from_yaml(cls, text: str) -> Flow:
         """The one Flow document in ``text`` (validated like any deployed definition)."""
-        from .loader import load_string
-
         flows = [lr.resource for lr in load_string(text) if lr.kind == "Flow"]
         if len(flows) != 1:
             raise ValueError(f"expected one Flow document, found {len(flows)}")

@@ -28,6 +28,7 @@ from . import expressions
 from .errors import InputError, NotFound, OrchestratorError
 from .model import CHANNEL_RE
 from .plan import Plan
+from .runtime import engine_for, trigger_flow
 from .store import RedisStore
 
 log = logging.getLogger("orchestrator.events")
@@ -72,8 +73,6 @@ def publish(
 @shared_task(name=EVENT_TASK, bind=True, ignore_result=True)
 def dispatch_task(self: Task, channel: str, stream_id: str) -> dict[str, int]:
     """Start the runs an event's subscriptions ask for (see the module docstring)."""
-    from .runtime import engine_for
-
     eng = engine_for(self.app)
     event = eng.store.channel_entry(channel, stream_id)
     if event is None:  # trimmed away already: nothing to do
@@ -114,8 +113,6 @@ def deliver(
     Returns ``{subscription, run, created}``, ``{subscription, filtered: True}`` or
     ``{subscription, dead: <entry id>, reason}``.
     """
-    from .runtime import trigger_flow
-
     ctx = {"event": event}
     out: dict[str, Any] = {"subscription": name}
     try:

@@ -44,6 +44,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import psutil
+from celery import current_app
 
 log = logging.getLogger("orchestrator.procgroup")
 
@@ -100,8 +101,6 @@ def isolate_pool_process(parent: int | None = None) -> bool:
 
 def on_pool_process_init(**_: Any) -> None:
     """``worker_process_init`` receiver: isolate pool processes of orchestrator apps."""
-    from celery import current_app
-
     if current_app.conf.get("orchestrator_settings") is None:
         return  # a pool process of some other Celery app
     isolate_pool_process()

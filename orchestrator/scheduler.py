@@ -31,6 +31,8 @@ from .errors import OrchestratorError
 from .health import BeatToucher
 from .inputs import validate_inputs
 from .model import ScheduleSpec
+from .runtime import engine_for, start_run, wake_step
+from .sweep import sweep
 
 log = logging.getLogger("orchestrator.scheduler")
 
@@ -115,9 +117,6 @@ class Scheduler(_BeatScheduler):
 )
 def tick(self: Task) -> dict[str, int]:
     """Wake due timers, fire due schedules, sweep (see the module docstring)."""
-    from .runtime import engine_for, wake_step
-    from .sweep import sweep
-
     eng = engine_for(self.app)
     now = time.time()
     woken = 0
@@ -131,8 +130,6 @@ def tick(self: Task) -> dict[str, int]:
 
 def fire_schedules(eng: Any, now: float) -> int:
     """Start the runs of every schedule that is due; returns how many started."""
-    from .runtime import start_run
-
     store = eng.store
     fired = 0
     for name, raw in store.schedules().items():

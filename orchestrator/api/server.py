@@ -6,6 +6,7 @@ import http
 import json
 
 import h11
+import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -42,8 +43,6 @@ class H11JSONErrors(H11Protocol):
 
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Serve ``app`` with uvicorn (h11, headers up to :data:`MAX_HEADER_BYTES`)."""
-    import uvicorn
-
     uvicorn.run(
         app,
         host=host,

@@ -13,6 +13,7 @@ from pydantic import TypeAdapter
 from rich.table import Table
 
 from ..errors import DefinitionError
+from ..graph import to_dot, to_mermaid
 from ..model import FlowResource, format_duration
 from .base import Env, cell, echo_json, json_option, out_console
 
@@ -113,7 +114,7 @@ def schema(output: str | None) -> None:
 
 def definition_schema() -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of one definition document, in its camelCase form."""
-    from ..loader import KINDS  # start-up time: only schema needs the models
+    from ..loader import KINDS  # start-up time: only schema needs the loader
 
     models = list(KINDS.values())
     union: Any = models[0]
@@ -143,8 +144,6 @@ def definition_schema() -> dict[str, Any]:
 @click.pass_obj
 def graph(env: Env, target: str | None, fmt: str, run_id: str | None, flow: str | None) -> None:
     """Draw a deployed flow (NAME) or a definition file (PATH) as Mermaid or Graphviz DOT."""
-    from ..graph import to_dot, to_mermaid  # start-up time: only graph draws
-
     statuses = None
     if run_id is not None:
         run = env.client.get(run_id)

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 import yaml
 
+from ..flower import flower_argv
+from ..redisconn import check_eviction_once, print_warning
 from .base import Env, fail
 
 
@@ -33,7 +35,6 @@ def worker(ctx: click.Context, pool_name: str | None, pools_file: str) -> None:
     are imported.
     """
     argv = ["worker", *(pool_args(pools_file, pool_name) if pool_name else []), *ctx.args]
-    from ..redisconn import check_eviction_once, print_warning  # start-up time, as below
     from ..worker import app  # Celery: the worker app is made on import, for this command only
 
     check_eviction_once(ctx.ensure_object(Env).settings, "worker", print_warning)  # or exits
@@ -50,7 +51,6 @@ def beat(ctx: click.Context) -> None:
 
     Other options go to Celery's beat as they are (-l, --max-interval, ...).
     """
-    from ..redisconn import check_eviction_once, print_warning  # start-up time, as below
     from ..worker import app  # Celery: the worker app is made on import, for this command only
 
     check_eviction_once(ctx.ensure_object(Env).settings, "beat", print_warning)  # or exits
@@ -72,7 +72,6 @@ def flower(ctx: click.Context, address: str, port: int) -> None:
     are (--url_prefix=..., --persistent=True, ...).
     """
     from ..app import create_app  # Celery: only the commands that run it import it
-    from ..flower import flower_argv  # start-up time: only flower needs it
 
     settings = ctx.ensure_object(Env).settings
     try:
@@ -106,8 +105,6 @@ def api(env: Env, host: str, port: int, dev: bool) -> None:
         fail(f"--dev skips authentication and binds only to loopback, not {host!r}", code=2)
     if not dev and not token_list(env.settings):
         fail("set ORCHESTRATOR_API_TOKENS (comma-separated bearer tokens), or use --dev", code=2)
-    from ..redisconn import check_eviction_once, print_warning  # start-up time
-
     check_eviction_once(env.settings, "api", print_warning)  # or exits
 
     base = f"http://{f'[{host}]' if ':' in host else host}:{port or 'PORT'}"

@@ -19,18 +19,25 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import httpx
 import redis
+import uvicorn
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..api import create_api
+from ..client import Client
 from ..errors import DefinitionError, RunFailed
+from ..loader import load
 from ..settings import Settings
+from ..webhooks import sign
 from .processes import (
     FLOWER_USER,
     Child,
@@ -41,9 +48,6 @@ from .processes import (
     redact,
     redis_answers,
 )
-
-if TYPE_CHECKING:
-    from ..client import Client
 
 #: Inputs each example flow runs with, by flow name. Add an entry with every new
 #: file in flows/.
@@ -141,8 +145,6 @@ class _Demo:
             workers = self._start_workers(settings, services, stack)
             self.console.print(f"Workers ready: {', '.join(w.name for w in workers)}")
 
-            from ..client import Client
-
             client = Client(settings)
             stack.callback(client.close)
             api = self._start_api(settings, client, stack)
@@ -203,6 +205,7 @@ class _Demo:
 
     def _start_services(self, stack: contextlib.ExitStack) -> dict[str, str]:
         """The example HTTP service, and the environment the example Variables read."""
+        # lazy: workers/ is the repository's example package, importable from its root only
         from workers.pricing import PricingService
 
         token = secrets.token_hex(16)
@@ -222,12 +225,6 @@ class _Demo:
 
     def _start_api(self, settings: Settings, client: Client, stack: contextlib.ExitStack) -> str:
         """The REST API and dashboard, served by uvicorn in a thread on a loopback port."""
-        import threading
-
-        import uvicorn
-
-        from ..api import create_api
-
         port = free_port()
         config = uvicorn.Config(
             create_api(settings, client, dev=True),
@@ -252,10 +249,6 @@ class _Demo:
         self, client: Client, api: str, name: str, how: str, payload: dict[str, Any]
     ) -> str:
         """Start a run from an event or a signed webhook; returns its id."""
-        import httpx
-
-        from ..webhooks import sign
-
         if how == "webhook":
             body = json.dumps(payload).encode()
             resp = httpx.post(
@@ -285,8 +278,6 @@ class _Demo:
         return found[0]
 
     def _example_flows(self) -> list[str]:
-        from ..loader import load
-
         if not self.flows_dir.is_dir():
             raise DemoError(
                 f"no {self.flows_dir}/ folder here: run the demo from the repository root"

@@ -36,6 +36,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from ..client import Client
 from ..errors import DefinitionError
 from ..health import check as liveness_check
 from ..settings import Settings
@@ -286,8 +287,6 @@ class DevStack:
     def _deploy(self) -> None:
         if not self.deploy_paths:
             return
-        from ..client import Client
-
         client = Client(self.settings.model_copy(update=self._stack_settings(self.stack_redis_url)))
         try:
             for path in self.deploy_paths:

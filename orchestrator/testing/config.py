@@ -118,7 +118,7 @@ def resolve_config(request: pytest.FixtureRequest) -> FlowTestConfig:
 
 
 def _check_settings(overrides: dict[str, Any]) -> None:
-    from ..settings import Settings
+    from ..settings import Settings  # lazy: pytest loads the plugin in every run (pydantic)
 
     for name in overrides:
         if name == "task_modules":
@@ -151,7 +151,7 @@ def namespace(redis_url: str, config: FlowTestConfig) -> tuple[Settings, dict[st
     The Celery key prefix keeps the queues (any name a definition routes to) and results
     of this namespace apart from every other one on the private Redis.
     """
-    from ..settings import Settings
+    from ..settings import Settings  # lazy: pytest loads the plugin in every run (pydantic)
 
     prefix = f"ot{uuid.uuid4().hex[:10]}:"
     fixed = {

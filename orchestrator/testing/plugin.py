@@ -119,7 +119,7 @@ def orchestrator_redis(pytestconfig: pytest.Config) -> Iterator[RedisServer]:
             "--orchestrator-redis-server, the ini option orchestrator_redis_server or "
             "$REDIS_SERVER_BIN"
         )
-    from ..devstack.processes import RedisServer
+    from ..devstack.processes import RedisServer  # lazy: Redis, for the tests that use it
 
     server = RedisServer(binary=binary)
     try:
@@ -174,7 +174,7 @@ class _ModuleWorkers:
         return self.stacks[key]
 
     def _start(self, queues: list[str], env: dict[str, str]) -> WorkerProcess:
-        from ..devstack.processes import WorkerProcess
+        from ..devstack.processes import WorkerProcess  # lazy: Redis, as above
 
         w = WorkerProcess(
             queues,
@@ -227,7 +227,7 @@ def orchestrator_client(
     queue the definitions route to. It is shared by the tests of the module with the same
     task modules and settings, and so is its namespace: such tests see each other's runs.
     """
-    from .client import FlowClient
+    from .client import FlowClient  # lazy: Celery and Redis, for the tests that use it
 
     config = resolve_config(request)
     stack = _orchestrator_module_workers.stack(config)
@@ -252,9 +252,10 @@ def orchestrator_worker(orchestrator_client: FlowClient) -> WorkerProcess:
 
 
 def _worker_controller() -> type:
+    # lazy: Celery, for the in-process fixture only
     from celery.contrib.testing.worker import TestWorkController
 
-    from ..publishing import results_untracked
+    from ..publishing import results_untracked  # lazy: Celery, as above
 
     class InProcessWorkController(TestWorkController):
         """The embedded worker; its thread publishes without tracking Celery results.
@@ -274,7 +275,7 @@ def _worker_controller() -> type:
 @contextmanager
 def _current_app_kept() -> Iterator[None]:
     """Give Celery back its current and default app when the embedded worker is done."""
-    from celery import _state
+    from celery import _state  # lazy: Celery, only for the in-process fixture
 
     default, current = _state.default_app, getattr(_state._tls, "current_app", None)
     try:
@@ -294,11 +295,11 @@ def orchestrator_inprocess(
     private Redis, so what a task calls can be monkeypatched and a breakpoint in a task
     stops the test. Step timeouts are not enforced (the solo pool has no time limits).
     """
-    from celery.contrib.testing.worker import start_worker
+    from celery.contrib.testing.worker import start_worker  # lazy: Celery, only for this fixture
 
-    from ..app import create_app, import_task_modules
-    from ..runtime import drop_engine
-    from .client import FlowClient
+    from ..app import create_app, import_task_modules  # lazy: Celery, as above
+    from ..runtime import drop_engine  # lazy: Celery, as above
+    from .client import FlowClient  # lazy: Celery and Redis, as above
 
     config = resolve_config(request)
     settings, _ = namespace(orchestrator_redis.url, config)
