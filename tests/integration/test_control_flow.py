@@ -244,9 +244,17 @@ spec:
 """
 
 
-def test_saga_compensates_in_reverse_completion_order(client, worker, redis_server):
+def test_saga_compensates_in_reverse_completion_order(client, worker_factory, redis_server):
+    # One worker process runs every step, one at a time, so the order in which the tasks
+    # write the log is the order in which their completions are recorded (with two
+    # processes, a branch could log first and be recorded second).
+    queue = f"saga-{key()}"
+    worker_factory(queues=[queue], concurrency=1)
     log = key()
-    name = deploy(client, SAGA.replace("LOG", log))
+    text = SAGA.replace("LOG", log).replace(
+        "spec:\n  steps:", f"spec:\n  defaults: {{queue: {queue}}}\n  steps:", 1
+    )
+    name = deploy(client, text)
     run = client.trigger(name)
     with pytest.raises(RunFailed) as info:
         run.wait(timeout=60)
