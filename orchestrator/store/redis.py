@@ -22,10 +22,11 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.exceptions import NoScriptError
+from redis.typing import EncodableT, FieldT
 
 from ..counters import Counts, run_counts
 from ..plan import StepAddress
@@ -34,7 +35,7 @@ from ..settings import Settings
 from ..status import ACTIVE, ENDED
 from ..variables import learn_secrets, mask
 from . import keys
-from .catalog import Catalog, dumps
+from .catalog import Catalog, Entries, Hash, dumps
 from .scripts import script as _script
 
 #: How long a store trusts the secret Variables it learned before reading them again.
@@ -119,7 +120,8 @@ class RedisStore(Catalog):
             self.r.hset(self.nodes_key(), node, dumps(info))
 
     def nodes(self) -> dict[str, dict[str, Any]]:
-        return {n: json.loads(v) for n, v in self.r.hgetall(self.nodes_key()).items()}
+        found = cast(Hash, self.r.hgetall(self.nodes_key()))
+        return {n: json.loads(v) for n, v in found.items()}
 
     # -- the sweep (sweep.py) -------------------------------------------------------------
 
@@ -131,8 +133,11 @@ class RedisStore(Catalog):
     def sweep_batch(self, now: float, limit: int) -> list[tuple[str, float]]:
         """The next ``limit`` active runs after the sweep's cursor (then it starts over)."""
         cursor = float(self.r.get(keys.sweep_cursor(self.p)) or "-inf")
-        ids = self.r.zrangebyscore(
-            keys.runs_active(self.p), f"({cursor}", now, start=0, num=limit, withscores=True
+        ids = cast(
+            list[tuple[str, float]],
+            self.r.zrangebyscore(
+                keys.runs_active(self.p), f"({cursor}", now, start=0, num=limit, withscores=True
+            ),
         )
         self.r.set(keys.sweep_cursor(self.p), ids[-1][1] if len(ids) == limit else "-inf")
         return ids
@@ -140,7 +145,7 @@ class RedisStore(Catalog):
     # -- metrics (metrics.py) --------------------------------------------------------------
 
     def metric_fields(self) -> dict[str, str]:
-        return self.r.hgetall(self.metrics_key())
+        return cast(Hash, self.r.hgetall(self.metrics_key()))
 
     def active_counts(self, page: int) -> dict[tuple[str, str], int]:
         """Runs not yet ended, by (flow, status): two round trips per ``page`` runs, counted
@@ -148,7 +153,7 @@ class RedisStore(Catalog):
         counts: dict[tuple[str, str], int] = {}
         start = 0
         while True:
-            ids = self.r.zrange(keys.runs_active(self.p), start, start + page - 1)
+            ids = cast(list[str], self.r.zrange(keys.runs_active(self.p), start, start + page - 1))
             if not ids:
                 return counts
             start += page
@@ -171,7 +176,7 @@ class RedisStore(Catalog):
                 if status in ACTIVE:  # a run that ended since the index was read: skip
                     counts[(flow, status)] = counts.get((flow, status), 0) + int(n)
 
-    # -- rate limits (runtime.py) ----------------------------------------------------------
+    # -- rate limits (runtime/ratelimit.py) -----------------------------------------------
 
     def rate_hit(self, flow: str, step: str, slot: int, window: float) -> int:
         """Count one start of ``step`` in its rate window ``slot``; the count so far."""
@@ -208,7 +213,7 @@ class RedisStore(Catalog):
         Redis) that this process's environment resolves."""
         if specs is None:
             specs = {}
-            for name, raw in self.r.hgetall(f"{self.p}res:Variable").items():
+            for name, raw in cast(Hash, self.r.hgetall(f"{self.p}res:Variable")).items():
                 with contextlib.suppress(ValueError):  # not ours to judge here
                     specs[name] = json.loads(raw)
         self._secrets_due = time.monotonic() + SECRETS_REFRESH_S
@@ -270,7 +275,7 @@ class RedisStore(Catalog):
         k = f"{self.p}idem:{flow}:{self._masked(key)}"
         if self.r.set(k, run_id, nx=True, ex=self.settings.retention_s):
             return run_id
-        return self.r.get(k) or run_id
+        return cast(str | None, self.r.get(k)) or run_id
 
     def create_run(self, run: dict[str, Any], event: dict[str, Any]) -> bool:
         """Store a new run with its first event and index it; False if it already existed."""
@@ -281,7 +286,7 @@ class RedisStore(Catalog):
             if v is not None:
                 fields += [k, v if isinstance(v, str | int | float) else dumps(v)]
 
-        started = [(f"started|{run['flow']}", 1)]
+        started: Counts = [(f"started|{run['flow']}", 1)]
 
         def index(pipe: Any) -> None:
             pipe.zadd(f"{self.p}runs", {rid: now})
@@ -465,7 +470,7 @@ class RedisStore(Catalog):
         items = self._masked(items)
         rk = self.run_key(run_id)
         pipe = self.r.pipeline(transaction=False)
-        chunk: dict[str, str] = {}
+        chunk: dict[FieldT, EncodableT] = {}
         for i, item in enumerate(items):
             chunk[f"i:{key}[{i}]"] = dumps(item)
             if len(chunk) >= 1000:
@@ -532,7 +537,9 @@ class RedisStore(Catalog):
 
     def due_timers(self, now: float, limit: int = 500) -> list[StepAddress]:
         """Timers that are due, each claimed by this caller alone (ZREM wins once)."""
-        members = self.r.zrangebyscore(f"{self.p}timers", "-inf", now, start=0, num=limit)
+        members = cast(
+            list[str], self.r.zrangebyscore(f"{self.p}timers", "-inf", now, start=0, num=limit)
+        )
         if not members:
             return []
         pipe = self.r.pipeline(transaction=False)
@@ -576,10 +583,10 @@ class RedisStore(Catalog):
         if not fields:
             return []
         if len(fields) <= 5000:
-            return self.r.hmget(self.run_key(run_id), fields)
+            return cast(list[str | None], self.r.hmget(self.run_key(run_id), fields))
         out: list[str | None] = []
         for i in range(0, len(fields), 5000):
-            out += self.r.hmget(self.run_key(run_id), fields[i : i + 5000])
+            out += cast(list[str | None], self.r.hmget(self.run_key(run_id), fields[i : i + 5000]))
         return out
 
     def step_records(self, run_id: str) -> dict[str, dict[str, Any]]:
@@ -594,14 +601,14 @@ class RedisStore(Catalog):
             self.r.hdel(self.run_key(run_id), *fields[i : i + 1000])
 
     def run_hash(self, run_id: str) -> dict[str, str]:
-        return self.r.hgetall(self.run_key(run_id))
+        return cast(Hash, self.r.hgetall(self.run_key(run_id)))
 
     def events(
         self, run_id: str, after: str = "-", count: int | None = None
     ) -> list[tuple[str, dict[str, Any]]]:
         """The run's event log from ``after`` (exclusive if it is an id) onwards."""
         start = "-" if after == "-" else f"({after}"
-        entries = self.r.xrange(self.events_key(run_id), min=start, count=count)
+        entries = cast(Entries, self.r.xrange(self.events_key(run_id), min=start, count=count))
         return [(eid, json.loads(fields["e"])) for eid, fields in entries]
 
     def run_ids(
@@ -620,7 +627,7 @@ class RedisStore(Catalog):
         start = 0
         batch = max(limit * 2, 50)
         while len(out) < limit:
-            ids = self.r.zrevrange(index, start, start + batch - 1)
+            ids = cast(list[str], self.r.zrevrange(index, start, start + batch - 1))
             if not ids:
                 break
             start += batch
