@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
@@ -171,15 +171,15 @@ class Client:
         for res in flows:
             if res.spec.webhook is not None:
                 self._check_webhook(res, variables)
-        for res in named:
-            if isinstance(res, EventSubscriptionResource):
-                self._check_subscription(res, batch)
+        for resource in named:
+            if isinstance(resource, EventSubscriptionResource):
+                self._check_subscription(resource, batch)
         self._check_subflow_cycles(batch)
         out = []
-        for res in named:  # variables and services first: flows deployed with them use them
-            spec = res.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-            created = self.store.save_resource(res.kind, res.name, spec)
-            out.append(Deployed(res.name, version_of(res), created, res.kind))
+        for resource in named:  # variables and services first: flows deployed with them use them
+            spec = resource.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+            created = self.store.save_resource(resource.kind, resource.name, spec)
+            out.append(Deployed(resource.name, version_of(resource), created, resource.kind))
         for res in flows:
             version = version_of(res)
             created = self.store.save_definition(
@@ -493,7 +493,8 @@ class Client:
         self._wake(run_id, step)
 
     def _wake(self, run_id: str, key: str) -> None:
-        flow, version = self.store.read_fields(run_id, ["flow", "version"])
+        # the run exists (its wait was just decided or signalled): both fields are there
+        flow, version = cast(list[str], self.store.read_fields(run_id, ["flow", "version"]))
         step, path = parse_key(key)
         wake_step(self.app, self.plan, StepAddress(run_id, flow, version, step, path))
 

@@ -19,7 +19,7 @@ there); their names stay importable from here for code written against this modu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature, _chain
@@ -114,7 +114,8 @@ class CanvasBuilder:
     def _chord(self, node: Node, path: tuple[int, ...]) -> Signature:
         branches = []
         for branch in node.step.parallel:  # type: ignore[union-attr]
-            leaves = list(self.plan.flat_tasks(self.plan.nodes[branch.id]))
+            # a static parallel: every leaf is a task (Plan._is_static), none is None
+            leaves = cast(list[Node], list(self.plan.flat_tasks(self.plan.nodes[branch.id])))
             sigs = [self.signature(leaf, path, tail=False) for leaf in leaves]
             branches.append(sigs[0] if len(sigs) == 1 else chain(*sigs))
         return chord(group(branches), self.signature(node, path, tail=False, join=True))

@@ -253,7 +253,7 @@ class Flow:
     @classmethod
     def from_yaml(cls, text: str) -> Flow:
         """The one Flow document in ``text`` (validated like any deployed definition)."""
-        flows = [lr.resource for lr in load_string(text) if lr.kind == "Flow"]
+        flows = [lr.resource for lr in load_string(text) if isinstance(lr.resource, FlowResource)]
         if len(flows) != 1:
             raise ValueError(f"expected one Flow document, found {len(flows)}")
         return cls(flows[0].name, resource=flows[0])

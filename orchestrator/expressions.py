@@ -47,7 +47,7 @@ import ast
 import functools
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from simpleeval import DEFAULT_OPERATORS
 
@@ -256,7 +256,7 @@ class Template:
         """The value of a lone expression as is; otherwise the text with each value formatted."""
         with Evaluation(_limits) as budget:
             if self.is_expression:
-                expression = self._parts[0]
+                expression = cast(_Expression, self._parts[0])
                 return evaluate(expression.display, expression.tree, context)
             texts = [
                 part if isinstance(part, str) else evaluate(part.display, part.tree, context, True)

@@ -69,7 +69,7 @@ __all__ = [
     "version_of",
 ]
 
-KINDS: dict[str, type] = {
+KINDS: dict[str, type[Resource]] = {
     "Flow": FlowResource,
     "Schedule": ScheduleResource,
     "Variable": VariableResource,

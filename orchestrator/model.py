@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-API_VERSION = "orchestrator/v1"
+API_VERSION: Final = "orchestrator/v1"
 NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 STEP_ID_RE = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$"
 
@@ -357,7 +357,7 @@ AnyStep = (
     | WaitStep
 )
 
-_KIND_OF_CLASS: dict[type, str] = {
+_KIND_OF_CLASS: dict[type[BaseModel], str] = {
     TaskStep: "task",
     ServiceStep: "service",
     HttpStep: "http",
@@ -422,6 +422,8 @@ class _Resource(_Model):
 
     api_version: Literal["orchestrator/v1"] = Field(API_VERSION, alias="apiVersion")
     metadata: Metadata
+    if TYPE_CHECKING:  # each kind's own Literal field; not a field of the envelope
+        kind: str
 
     @property
     def name(self) -> str:

@@ -50,8 +50,11 @@ def publish(app: Celery, sigs: list) -> None:
     """
     with results_untracked(), app.producer_or_acquire() as producer:
         batch = getattr(producer, "batch", None)
-        many = len(sigs) > 1 and batch is not None
-        with batch(max_size=PUBLISH_BATCH) if many else contextlib.nullcontext():
+        if len(sigs) > 1 and batch is not None:
+            pipelined = batch(max_size=PUBLISH_BATCH)
+        else:
+            pipelined = contextlib.nullcontext()
+        with pipelined:
             for sig in sigs:
                 sig.apply_async(producer=producer)
 

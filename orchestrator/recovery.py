@@ -339,7 +339,10 @@ class TaskRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._connection_errors = (*self._connection_errors, AttributeError)
+        self._connection_errors: tuple[type[BaseException], ...] = (
+            *self._connection_errors,
+            AttributeError,
+        )
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """The hard time limit killed the step's process: say so in its lease and give
@@ -410,6 +413,7 @@ def _test_worker_stopped(sender: Any = None, worker: Any = None, **_: Any) -> No
 
 
 def _stop(worker: Any) -> None:
-    hb = _nodes.pop(getattr(worker, "hostname", None), None)
+    hostname = getattr(worker, "hostname", None)
+    hb = None if hostname is None else _nodes.pop(hostname, None)
     if hb is not None:
         hb.stop()

@@ -14,7 +14,7 @@ import math
 import operator
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from simpleeval import DEFAULT_OPERATORS, EvalWithCompoundTypes, InvalidExpression
 
@@ -332,7 +332,7 @@ def _extreme(func: Callable[..., Any]) -> Callable[..., Any]:
     return charged
 
 
-FUNCTIONS = {
+FUNCTIONS: dict[str, Callable[..., Any]] = {
     "len": len,
     "str": _text,  # so that str(x) reads the same as "${x}" inside text
     "int": _int,
@@ -433,7 +433,8 @@ class _Evaluator(EvalWithCompoundTypes):
         raise ExpressionError(f"{ast.unparse(node.value)} {problem}")
 
     def _eval_call(self, node: ast.Call) -> Any:
-        return FUNCTIONS[node.func.id](*[self._eval(arg) for arg in node.args])
+        func = cast(ast.Name, node.func)  # only calls by name compile (expressions._compile)
+        return FUNCTIONS[func.id](*[self._eval(arg) for arg in node.args])
 
 
 _EVAL_ERRORS = (

@@ -25,7 +25,7 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pydantic
 import yaml
@@ -134,7 +134,7 @@ class _Loader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
             return super().compose_node(parent, index)
         self._depth += 1
@@ -316,7 +316,7 @@ def load_text(text: str, file: str | None = None, max_bytes: int | None = None) 
     index = 0
     try:
         while loader.check_node():
-            node = loader.get_node()
+            node = cast(Node, loader.get_node())  # check_node(): there is one
             index += 1
             if _is_empty(node):
                 continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -147,7 +147,7 @@ def _route_class(settings: Settings, authenticate: Callable[..., None]) -> type[
         """A route that checks the token (if it needs one) before reading the body, and
         parses a JSON body with :func:`~.body.parse_json_body`."""
 
-        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
             needs_token = any(d.dependency is authenticate for d in self.dependencies)
 
@@ -184,7 +184,7 @@ def _add_docs(app: FastAPI, token: list[Any]) -> None:
 # -- errors --------------------------------------------------------------------------------
 
 
-def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+def _loc(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc)
 
 

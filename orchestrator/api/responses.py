@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.encoders import jsonable_encoder
@@ -116,7 +117,7 @@ class JSONBody(Response):
 
 
 def error_body(
-    code: int, error: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    code: int, error: str, message: str, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONBody:
     """The API's error body: ``{"error": ..., "message": ..., **extra}``."""
     return JSONBody({"error": error, "message": message, **extra}, code, headers=headers)

@@ -12,7 +12,7 @@ import json
 import re
 import sys
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, overload
 
 import click
 import kombu.exceptions
@@ -133,6 +133,10 @@ def fmt_when(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+@overload
+def fmt_clock(ts: float) -> str: ...
+@overload
+def fmt_clock(ts: float | None) -> str | None: ...
 def fmt_clock(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
 

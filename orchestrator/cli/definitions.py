@@ -27,7 +27,9 @@ def _looks_like_path(target: str) -> bool:
 def _flow_from_path(env: Env, path: str, flow: str | None) -> FlowResource:
     from ..loader import load  # start-up time: only commands that read files load it
 
-    flows = [lr.resource for lr in load(path, env.settings) if lr.kind == "Flow"]
+    flows = [
+        lr.resource for lr in load(path, env.settings) if isinstance(lr.resource, FlowResource)
+    ]
     if flow is not None:
         flows = [f for f in flows if f.name == flow]
     if not flows:

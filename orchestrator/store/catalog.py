@@ -11,12 +11,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from ..settings import Settings
 from ..variables import learn_secrets
+
+# The store's client decodes replies (``decode_responses=True``): every key, field and value
+# it reads is a str. redis-py annotates a sync client's replies as ``bytes | str`` whatever
+# the client, so the read sites cast to these.
+Hash = dict[str, str]
+#: A stream's entries: (entry id, fields).
+Entries = list[tuple[str, dict[str, str]]]
 
 
 def dumps(value: Any) -> str:
@@ -59,11 +66,11 @@ class Catalog:
         return json.loads(raw) if raw else None
 
     def flow_info(self, name: str) -> dict[str, str] | None:
-        info = self.r.hgetall(f"{self.p}flow:{name}")
+        info = cast(Hash, self.r.hgetall(f"{self.p}flow:{name}"))
         return info or None
 
     def flow_names(self) -> list[str]:
-        return sorted(self.r.smembers(f"{self.p}flows"))
+        return sorted(cast(set[str], self.r.smembers(f"{self.p}flows")))
 
     def set_flow_state(self, name: str, state: str) -> None:
         self.r.hset(f"{self.p}flow:{name}", "state", state)
@@ -78,7 +85,8 @@ class Catalog:
         return new
 
     def resources(self, kind: str) -> dict[str, dict[str, Any]]:
-        found = {k: json.loads(v) for k, v in self.r.hgetall(f"{self.p}res:{kind}").items()}
+        specs = cast(Hash, self.r.hgetall(f"{self.p}res:{kind}"))
+        found = {k: json.loads(v) for k, v in specs.items()}
         if kind == "Variable":  # read anyway (a step reads ``${vars...}``): learn them
             self._learn_secrets(found)
         return found
@@ -97,22 +105,23 @@ class Catalog:
 
     def add_event(self, channel: str, entry: dict[str, Any], dead: bool = False) -> str:
         """Append to a channel (or its dead-letter stream), trimmed to ~``channel_maxlen``."""
-        return self.r.xadd(
+        entry_id = self.r.xadd(
             self.channel_key(channel, dead),
             {"e": dumps(self._masked(entry))},
             maxlen=self.settings.channel_maxlen,
             approximate=True,
         )
+        return cast(str, entry_id)
 
     def channel_entry(self, channel: str, entry_id: str, dead: bool = False) -> dict | None:
-        found = self.r.xrange(self.channel_key(channel, dead), entry_id, entry_id)
+        found = cast(Entries, self.r.xrange(self.channel_key(channel, dead), entry_id, entry_id))
         return json.loads(found[0][1]["e"]) if found else None
 
     def channel_entries(
         self, channel: str, count: int = 50, dead: bool = False
     ) -> list[tuple[str, dict[str, Any]]]:
         """The newest ``count`` entries, oldest first."""
-        found = self.r.xrevrange(self.channel_key(channel, dead), count=count)
+        found = cast(Entries, self.r.xrevrange(self.channel_key(channel, dead), count=count))
         return [(i, json.loads(f["e"])) for i, f in reversed(found)]
 
     def remove_dead(self, channel: str, entry_id: str) -> bool:
@@ -130,10 +139,11 @@ class Catalog:
         pipe.execute()
 
     def schedules(self) -> dict[str, dict[str, Any]]:
-        return {k: json.loads(v) for k, v in self.r.hgetall(f"{self.p}schedules").items()}
+        specs = cast(Hash, self.r.hgetall(f"{self.p}schedules"))
+        return {k: json.loads(v) for k, v in specs.items()}
 
     def schedule_state(self, name: str) -> dict[str, str]:
-        return self.r.hgetall(f"{self.p}schedule:{name}")
+        return cast(Hash, self.r.hgetall(f"{self.p}schedule:{name}"))
 
     def set_schedule_state(self, name: str, **fields: Any) -> None:
         self.r.hset(f"{self.p}schedule:{name}", mapping=self._masked(fields))
