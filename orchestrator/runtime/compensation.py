@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from ..plan import node_key
 
+if TYPE_CHECKING:
+    from .host import Host
+else:
+    Host = object  # the mixins' typed base while type checking (.host)
 
-class CompensationMixin:
+
+class CompensationMixin(Host):
     """:class:`~.execution.Execution`'s compensation phase: start, next step, end."""
+
+    phase: str | None  # set here when the phase begins (declared for the type checker)
 
     def _start_compensation(self, error: dict[str, Any]) -> None:
         """The run failed: enter the saga phase (once per run) and undo its first step."""

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
@@ -37,6 +37,9 @@ from .engine import Engine, PermanentError, WorkerLost
 from .kinds import KindsMixin
 from .ratelimit import RateLimitMixin
 from .waits import WaitsMixin
+
+if TYPE_CHECKING:
+    from ..model import TryStep
 
 log = logging.getLogger("orchestrator.runtime")
 
@@ -59,7 +62,8 @@ class Execution(KindsMixin, WaitsMixin, CompensationMixin, RateLimitMixin):
         self.eng, self.store, self.task, self.plan = eng, eng.store, task, plan
         self.node, self.run_id, self.path, self.tail = node, run_id, path, tail
         self.key = node_key(node.id, path)
-        self.deferred, self.phase, self.rindex, self.join = 0, None, 0, False
+        self.deferred, self.rindex, self.join = 0, 0, False
+        self.phase: str | None = None
         req = task.request
         self.attempt = (req.retries or 0) + 1
         self.task_id = req.id or ""
@@ -449,12 +453,12 @@ class Execution(KindsMixin, WaitsMixin, CompensationMixin, RateLimitMixin):
             opath = path[: owner.foreach_depth]
             okey = node_key(owner.id, opath)
             if owner.kind == "try" and block.role in ("try", "catch"):
-                step = owner.step
-                if block.role == "try" and step.catch:  # type: ignore[union-attr]
+                step = cast("TryStep", owner.step)
+                if block.role == "try" and step.catch:
                     self.store.set_fields(self.run_id, {f"e:{okey}": error})
                     self._start_block(self.plan.blocks[f"{owner.id}/catch"], opath)
                     return
-                if step.finally_:  # type: ignore[union-attr]
+                if step.finally_:
                     self.store.set_fields(self.run_id, {f"pe:{okey}": error})
                     self._start_block(self.plan.blocks[f"{owner.id}/finally"], opath)
                     return
@@ -507,8 +511,8 @@ class Execution(KindsMixin, WaitsMixin, CompensationMixin, RateLimitMixin):
         elif owner.kind == "switch":
             up._end_group(self._output_of(self.key) if output is _READ else output)
         elif owner.kind == "try":
-            step = owner.step
-            if block.role in ("try", "catch") and step.finally_:  # type: ignore[union-attr]
+            step = cast("TryStep", owner.step)
+            if block.role in ("try", "catch") and step.finally_:
                 self._start_block(self.plan.blocks[f"{owner.id}/finally"], opath)
                 return
             up._end_try()
@@ -541,7 +545,7 @@ class Execution(KindsMixin, WaitsMixin, CompensationMixin, RateLimitMixin):
             self.store.delete_fields(self.run_id, [f"i:{self.key}[{i}]" for i in range(n)])
 
     def _end_try(self) -> None:
-        step = self.node.step
+        step = cast("TryStep", self.node.step)
         okey = self.key
         pending, caught = self.store.read_fields(self.run_id, [f"pe:{okey}", f"e:{okey}"])
         if pending:

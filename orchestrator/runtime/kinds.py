@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery._state import _task_stack
@@ -21,8 +21,13 @@ from .context import StepContext, _step_context
 from .dispatch import start_run
 from .engine import PermanentError
 
+if TYPE_CHECKING:
+    from .host import Host
+else:
+    Host = object  # the mixins' typed base while type checking (.host)
 
-class KindsMixin:
+
+class KindsMixin(Host):
     """:class:`~.execution.Execution`'s handlers of the working and structural kinds."""
 
     def _run_task(self) -> None:

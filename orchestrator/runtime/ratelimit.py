@@ -4,6 +4,12 @@ a step over its limit is held back with a Celery retry that spends no attempt.""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .host import Host
+else:
+    Host = object  # the mixins' typed base while type checking (.host)
 
 
 def rate_window(rate: str) -> tuple[float, int]:
@@ -14,7 +20,7 @@ def rate_window(rate: str) -> tuple[float, int]:
     return (per, int(n)) if n >= 1 else (per / n, 1)
 
 
-class RateLimitMixin:
+class RateLimitMixin(Host):
     """:class:`~.execution.Execution`'s rate limit check, before a task step begins."""
 
     def _rate_ok(self) -> bool:

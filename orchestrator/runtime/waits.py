@@ -7,15 +7,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import expressions
 from ..errors import ExpressionError
 from ..status import ENDED
 from .engine import PermanentError
 
+if TYPE_CHECKING:
+    from .host import Host
+else:
+    Host = object  # the mixins' typed base while type checking (.host)
 
-class WaitsMixin:
+
+class WaitsMixin(Host):
     """:class:`~.execution.Execution`'s wait steps: park, wake, escalate, a run's outcome."""
 
     def _park(self, wait: dict[str, Any], ctx: dict[str, Any]) -> None:
