@@ -18,6 +18,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy orchestrator
 
 # The dashboard's browser test drives Debian's chromium through chromedriver: install them
 # when missing (as root, with apt-get); otherwise that test skips, or fails when CI is set.
