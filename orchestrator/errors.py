@@ -108,3 +108,7 @@ class RunFailed(OrchestratorError):
         err = run.error or {}
         msg = err.get("message") if isinstance(err, dict) else str(err)
         super().__init__(f"run {run.id} of {run.flow} ended {run.status}: {msg}")
+
+
+class PoolsFileError(OrchestratorError):
+    """The worker-pools file is missing, not YAML, or a pool in it is malformed."""

@@ -15,9 +15,8 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import yaml
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,7 +27,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from .counters import RUN_BUCKETS, STEP_BUCKETS
-from .errors import OrchestratorError
+from .errors import OrchestratorError, PoolsFileError
+from .pools import DEFAULT_POOLS_FILE, load_pools
 from .status import ACTIVE, ENDED
 
 if TYPE_CHECKING:
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orchestrator.metrics")
 
-#: The worker pools whose queues are measured (as ``orchestrator worker --pool`` reads it).
-DEFAULT_POOLS_FILE = "workers/pools.yaml"
 #: Active runs counted per call of ``lua/count_runs.lua`` (each holds Redis about 1.5 ms).
 PAGE = 1000
 
@@ -224,14 +222,9 @@ def pool_queues(pools_file: Path | None) -> set[str]:
     if pools_file is None or not pools_file.is_file():
         return set()
     try:
-        data: Any = yaml.safe_load(pools_file.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        return load_pools(pools_file).queues()
+    except OSError as exc:
         log.warning("metrics: cannot read %s: %s", pools_file, exc)
-        return set()
-    pools = data.get("pools") if isinstance(data, dict) else None
-    out: set[str] = set()
-    for spec in (pools or {}).values() if isinstance(pools, dict) else ():
-        queues = spec.get("queues") if isinstance(spec, dict) else None
-        if isinstance(queues, list):
-            out |= {q for q in queues if isinstance(q, str) and q}
-    return out
+    except PoolsFileError as exc:
+        log.warning("metrics: cannot read %s: %s", pools_file, exc.__cause__ or exc)
+    return set()

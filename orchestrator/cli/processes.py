@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import click
-import yaml
 
+from ..errors import PoolsFileError
 from ..flower import flower_argv
+from ..pools import DEFAULT_POOLS_FILE, load_pools
 from ..redisconn import check_eviction_once, print_warning
 from .base import Env, fail
 
@@ -20,7 +21,7 @@ from .base import Env, fail
 @click.option("--pool", "pool_name", metavar="NAME", help="A worker pool of the pools file.")
 @click.option(
     "--pools-file",
-    default="workers/pools.yaml",
+    default=DEFAULT_POOLS_FILE,
     show_default=True,
     type=click.Path(dir_okay=False),
     help="Where worker pools are defined.",
@@ -114,46 +115,10 @@ def api(env: Env, host: str, port: int, dev: bool) -> None:
 
 def pool_args(pools_file: str | Path, name: str) -> list[str]:
     """Celery worker options (-Q, -c, -P) for a pool of ``workers/pools.yaml``."""
-    path = Path(pools_file)
-    if not path.is_file():
-        raise click.BadParameter(
-            f"no pools file at {path} (it defines pools: NAME: {{queues, concurrency, pool}})",
-            param_hint="--pool",
-        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise click.BadParameter(f"{path} is not valid YAML: {exc}", param_hint="--pool") from exc
-    pools = data.get("pools") if isinstance(data, dict) else None
-    if not isinstance(pools, dict) or name not in pools:
-        known = ", ".join(pools) if isinstance(pools, dict) and pools else "none"
-        raise click.BadParameter(
-            f"{path} defines no pool {name!r} (pools: {known})", param_hint="--pool"
-        )
-    spec = pools[name] or {}
-    args: list[str] = []
-    queues = spec.get("queues")
-    if queues:
-        if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
-            raise click.BadParameter(
-                f"{path}: pools.{name}.queues must be a list of queue names", param_hint="--pool"
-            )
-        args += ["-Q", ",".join(queues)]
-    if spec.get("concurrency") is not None:
-        if not isinstance(spec["concurrency"], int) or spec["concurrency"] < 1:
-            raise click.BadParameter(
-                f"{path}: pools.{name}.concurrency must be a positive integer",
-                param_hint="--pool",
-            )
-        args += ["-c", str(spec["concurrency"])]
-    if spec.get("pool") is not None:
-        if spec["pool"] not in ("prefork", "threads", "gevent", "eventlet", "solo"):
-            raise click.BadParameter(
-                f"{path}: pools.{name}.pool must be prefork, threads, gevent, eventlet or solo",
-                param_hint="--pool",
-            )
-        args += ["-P", spec["pool"]]
-    return args
+        return load_pools(pools_file).worker_args(name)
+    except PoolsFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pool") from exc
 
 
 @click.command()
@@ -189,7 +154,7 @@ def demo(env: Env, flows_dir: str, keep: bool) -> None:
 )
 @click.option(
     "--pools-file",
-    default="workers/pools.yaml",
+    default=DEFAULT_POOLS_FILE,
     show_default=True,
     type=click.Path(dir_okay=False),
     help="One worker is started per pool of this file.",

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
 from ..client import Client
-from ..errors import DefinitionError
+from ..errors import DefinitionError, PoolsFileError
 from ..health import check as liveness_check
+from ..pools import load_pools
 from ..settings import Settings
 from .processes import FLOWER_USER, Child, free_port, http_ok, redact, redis_answers
 
@@ -400,21 +400,10 @@ class DevStack:
 
 def pool_names(pools_file: str | os.PathLike[str]) -> list[str]:
     """The pool names of a pools file (``cli.pool_args`` checks each pool's fields)."""
-    path = Path(pools_file)
-    hint = "--pools-file"
-    if not path.is_file():
-        raise click.BadParameter(
-            f"no pools file at {path} (it defines pools: NAME: {{queues, concurrency, pool}})",
-            param_hint=hint,
-        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise click.BadParameter(f"{path} is not valid YAML: {exc}", param_hint=hint) from exc
-    pools = data.get("pools") if isinstance(data, dict) else None
-    if not isinstance(pools, dict) or not pools:
-        raise click.BadParameter(f"{path} defines no pools (pools: NAME: {{...}})", param_hint=hint)
-    return [str(name) for name in pools]
+        return load_pools(pools_file).names()
+    except PoolsFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pools-file") from exc
 
 
 def _fresh(path: Path) -> Callable[[], bool]:
