@@ -32,6 +32,7 @@ from .model import (
     TaskStep,
     TryStep,
     WaitStep,
+    child_blocks,
 )
 from .policy import hard_time_limit
 from .settings import Settings, get_settings
@@ -351,25 +352,17 @@ class _FlowChecker:
 
 def _nested(step: AnyStep, path: Path, depth: int):
     """(steps, path, forEach depth) for each step list directly inside ``step``."""
-    if isinstance(step, SequenceStep):
-        yield step.steps, (*path, "steps"), depth
-    elif isinstance(step, ParallelStep):
-        yield step.parallel, (*path, "parallel"), depth
-    elif isinstance(step, ForEachStep):
-        if isinstance(step.do, list):
-            yield step.do, (*path, "do"), depth + 1
+    cases = iter(enumerate(step.switch)) if isinstance(step, SwitchStep) else None
+    for key, steps in child_blocks(step):
+        if key == "switch" and cases is not None:
+            i, case = next(cases)
+            yield (
+                steps,
+                (*path, "switch", i, "default" if case.default is not None else "steps"),
+                depth,
+            )
         else:
-            yield [step.do], (*path, "do"), depth + 1
-    elif isinstance(step, SwitchStep):
-        for i, case in enumerate(step.switch):
-            key = "default" if case.default is not None else "steps"
-            yield case.default or case.steps or [], (*path, "switch", i, key), depth
-    elif isinstance(step, TryStep):
-        for key, lst in (("try", step.try_), ("catch", step.catch), ("finally", step.finally_)):
-            if lst:
-                yield lst, (*path, key), depth
-    if step.compensate is not None:
-        yield [step.compensate], (*path, "compensate"), depth
+            yield steps, (*path, key), depth + 1 if key == "do" else depth
 
 
 # -- subflow cycles ----------------------------------------------------------------------

@@ -373,6 +373,33 @@ _KIND_OF_CLASS: dict[type[BaseModel], str] = {
 }
 
 
+def child_blocks(step: AnyStep) -> list[tuple[str, list[AnyStep]]]:
+    """The step lists directly inside ``step``, each as (the key it is written under, steps).
+
+    In document order: ``steps`` (sequence), ``parallel`` (all branches as one list),
+    ``do`` (forEach; a single step becomes a list of one), one ``switch`` entry per case
+    in case order (its ``default`` or ``steps``), ``try`` / ``catch`` / ``finally`` (only
+    the non-empty ones), then ``compensate`` (a list of one) for any kind. Not recursive:
+    the compiler, the loader's checks and the graph walk the tree with it each their way.
+    """
+    blocks: list[tuple[str, list[AnyStep]]] = []
+    if isinstance(step, SequenceStep):
+        blocks.append(("steps", step.steps))
+    elif isinstance(step, ParallelStep):
+        blocks.append(("parallel", step.parallel))
+    elif isinstance(step, ForEachStep):
+        blocks.append(("do", step.do if isinstance(step.do, list) else [step.do]))
+    elif isinstance(step, SwitchStep):
+        blocks += [("switch", case.default or case.steps or []) for case in step.switch]
+    elif isinstance(step, TryStep):
+        for key, lst in (("try", step.try_), ("catch", step.catch), ("finally", step.finally_)):
+            if lst:
+                blocks.append((key, lst))
+    if step.compensate is not None:
+        blocks.append(("compensate", [step.compensate]))
+    return blocks
+
+
 class InputField(_Model):
     """One trigger input, JSON-Schema-like."""
 

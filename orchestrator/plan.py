@@ -30,17 +30,15 @@ from .model import (
     FlowResource,
     ForEachStep,
     HttpStep,
-    ParallelStep,
     RetryPolicy,
-    SequenceStep,
     ServiceStep,
     SleepStep,
     StepDefaults,
     SubflowStep,
     SwitchStep,
     TaskStep,
-    TryStep,
     WaitStep,
+    child_blocks,
     step_kind,
 )
 from .policy import DEFAULT_RETRY, hard_time_limit, merged_retry
@@ -157,31 +155,24 @@ class Plan:
             node.refs |= expressions.step_refs(
                 step.until if isinstance(step, SleepStep) else step.wait.run
             )
-        elif isinstance(step, SequenceStep):
-            self._add_block(f"{sid}/body", step.steps, sid, "body", depth)
-        elif isinstance(step, ParallelStep):
-            for branch in step.parallel:
-                self._add_block(f"{sid}/{branch.id}", [branch], sid, "branch", depth)
         elif isinstance(step, ForEachStep):
             node.refs |= expressions.step_refs(step.for_each)
-            body = step.do if isinstance(step.do, list) else [step.do]
-            self._add_block(f"{sid}/body", body, sid, "body", depth + 1)
         elif isinstance(step, SwitchStep):
-            for i, case in enumerate(step.switch):
+            for case in step.switch:
                 node.refs |= _condition_refs(case.when)
-                self._add_block(
-                    f"{sid}/case{i}", case.steps or case.default or [], sid, "case", depth
-                )
-        elif isinstance(step, TryStep):
-            for role, lst in (
-                ("try", step.try_),
-                ("catch", step.catch),
-                ("finally", step.finally_),
-            ):
-                if lst:
-                    self._add_block(f"{sid}/{role}", lst, sid, role, depth)
-        if step.compensate is not None:
-            self._add_block(f"{sid}/compensate", [step.compensate], sid, "compensate", depth)
+        cases = 0
+        for key, steps in child_blocks(step):
+            if key == "parallel":
+                for branch in steps:
+                    self._add_block(f"{sid}/{branch.id}", [branch], sid, "branch", depth)
+            elif key == "switch":
+                self._add_block(f"{sid}/case{cases}", steps, sid, "case", depth)
+                cases += 1
+            elif key in ("steps", "do"):
+                body_depth = depth + 1 if key == "do" else depth
+                self._add_block(f"{sid}/body", steps, sid, "body", body_depth)
+            else:  # try, catch, finally, compensate: the block is named for its key
+                self._add_block(f"{sid}/{key}", steps, sid, key, depth)
 
     def _options(self, step: AnyStep) -> tuple[dict[str, Any], RetryPolicy]:
         d = self.defaults
