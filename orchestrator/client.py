@@ -441,7 +441,9 @@ class Client:
             self.store.set_fields(run_id, {f"s:{k}": r for k, r in running.items()})
         raw = self.store.run_hash(run_id)
         run_ended(self.store, self.app, self.plan, run_id, parent_too=root)
-        # ``c:<step>`` holds a subflow's child run id (and a forEach's started count).
+        # ``c:<step>`` holds a subflow's child run id. A forEach's started count is
+        # ``fc:<step>`` now, but runs started before that change keep it in ``c:<step>``
+        # (a number, never a run id), so digits are still skipped.
         return [v for k, v in raw.items() if k.startswith("c:") and not v.isdigit()]
 
     # -- waits: signals and approvals ---------------------------------------------------
@@ -523,7 +525,7 @@ class Client:
             raise InvalidState(f"run {run_id} has no failed step to restart from")
         fields = ["recovery", "phase", "error", "outputs", "finished_at"]
         for key in set(redo):
-            fields += [f"{p}:{key}" for p in ("s", "o", "f", "n", "c", "e", "pe")]
+            fields += [f"{p}:{key}" for p in ("s", "o", "f", "n", "c", "fc", "e", "pe")]
         self.store.reset_joins(run_id, sorted(set(redo)))
         self.store.delete_fields(run_id, fields)
         self.store.move_run(

@@ -59,8 +59,10 @@ Fields of the run hash ``P{R}:run`` (``<key>`` is a step instance key, ``id`` or
 ``l:<key>``            the lease of a running step: ``{t: task id, w: worker, u: until,
                        why}`` (``recovery.py``)
 ``i:<key>[i]``         a forEach's item ``i``; ``n:<key>`` its item count
-``c:<key>``            a forEach's started count, or a subflow step's child run id (one
-                       prefix with two meanings, kept so runs already stored keep working)
+``c:<key>``            a subflow step's child run id (in runs stored before ``fc:``
+                       existed, also a forEach's started count: ``foreach_arrive.lua``
+                       counts there when only ``c:`` exists)
+``fc:<key>``           a forEach's started count
 ``f:<key>``            a fan-in that fired
 ``e:<key>``            the error a ``try`` caught; ``pe:<key>`` the error pending a ``finally``
 ``w:<key>``            a parked step's wait (JSON); ``d:<key>`` an approval's decision;

@@ -476,7 +476,7 @@ class RedisStore(Catalog):
             if len(chunk) >= 1000:
                 pipe.hset(rk, mapping=chunk)
                 chunk = {}
-        chunk.update({f"n:{key}": len(items), f"c:{key}": started})
+        chunk.update({f"n:{key}": len(items), f"fc:{key}": started})
         pipe.hset(rk, mapping=chunk)
         pipe.execute()
 

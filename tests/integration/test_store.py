@@ -147,6 +147,26 @@ def test_foreach_counts_each_item_once_and_frees_a_slot_per_arrival(store):
     assert store.foreach_arrive(rid, "each", 2) == (True, None)
 
 
+def test_foreach_counts_started_items_in_its_own_field(store):
+    rid = new_run(store)
+    store.foreach_start(rid, "each", ["x", "y", "z"], 2)
+    assert store.read_fields(rid, ["fc:each", "c:each"]) == ["2", None]
+    assert store.foreach_arrive(rid, "each", 0) == (False, 2)
+    assert store.read_fields(rid, ["fc:each", "c:each"]) == ["3", None]
+
+
+def test_foreach_started_before_fc_still_completes(store):
+    # A run stored by the old code keeps its started count in ``c:<key>`` (rolling deploy).
+    rid = new_run(store)
+    items = {f"i:each[{i}]": f'"{v}"' for i, v in enumerate("xyz")}
+    store.r.hset(store.run_key(rid), mapping={**items, "n:each": 3, "c:each": 2})
+    assert store.foreach_arrive(rid, "each", 0) == (False, 2)
+    assert store.foreach_arrive(rid, "each", 0) == (False, None)  # redelivered: counted once
+    assert store.read_fields(rid, ["c:each", "fc:each"]) == ["3", None]
+    assert store.foreach_arrive(rid, "each", 1) == (False, None)
+    assert store.foreach_arrive(rid, "each", 2) == (True, None)
+
+
 def test_park_signal_unpark_and_decide(store):
     from orchestrator.plan import StepAddress
 

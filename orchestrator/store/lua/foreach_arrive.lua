@@ -7,7 +7,14 @@ local added = redis.call('SADD', KEYS[1], ARGV[1])
 local total = tonumber(redis.call('HGET', KEYS[2], 'n:' .. ARGV[2]) or '0')
 local nxt = -1
 if added == 1 then
-  local started = redis.call('HINCRBY', KEYS[2], 'c:' .. ARGV[2], 1)
+  -- The started count is fc:<key>; a run started before that name (rolling deploy)
+  -- keeps it in c:<key>, so count in that field when only it exists.
+  local counter = 'fc:' .. ARGV[2]
+  if redis.call('HEXISTS', KEYS[2], counter) == 0
+      and redis.call('HEXISTS', KEYS[2], 'c:' .. ARGV[2]) == 1 then
+    counter = 'c:' .. ARGV[2]
+  end
+  local started = redis.call('HINCRBY', KEYS[2], counter, 1)
   if started <= total then
     nxt = started - 1
   end
