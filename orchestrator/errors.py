@@ -112,3 +112,31 @@ class RunFailed(OrchestratorError):
 
 class PoolsFileError(OrchestratorError):
     """The worker-pools file is missing, not YAML, or a pool in it is malformed."""
+
+
+class PermanentError(Exception):
+    """A step error that retrying cannot fix (bad expression, unknown task, non-JSON output)."""
+
+
+class WorkerLost(Exception):
+    """The process running a step died, as many times as ``max_deliveries`` allows."""
+
+
+class HttpError(OrchestratorError):
+    """An HTTP call failed; ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, retryable: bool, status: int | None = None):
+        super().__init__(message)
+        self.retryable, self.status = retryable, status
+
+
+class SignatureError(Exception):
+    """The request's signature is missing, malformed, wrong or too old."""
+
+
+class DemoError(Exception):
+    """The demo could not set itself up; the message says what to do."""
+
+
+class DevError(Exception):
+    """The stack could not start or stopped on its own; the message says why."""

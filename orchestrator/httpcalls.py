@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from .errors import InputError, OrchestratorError
+from .errors import HttpError, InputError
 from .inputs import validate_inputs
 from .model import InputField, ServiceSpec
 
@@ -29,14 +29,6 @@ DEFAULT_TIMEOUT_S = 30.0
 RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
 
 _clients: dict[int, httpx.Client] = {}
-
-
-class HttpError(OrchestratorError):
-    """An HTTP call failed; ``retryable`` says whether trying again may help."""
-
-    def __init__(self, message: str, retryable: bool, status: int | None = None):
-        super().__init__(message)
-        self.retryable, self.status = retryable, status
 
 
 def _client() -> httpx.Client:

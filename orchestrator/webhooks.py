@@ -22,13 +22,11 @@ import re
 import time
 from dataclasses import dataclass
 
+from .errors import SignatureError
+
 #: How far a signature's timestamp may be from the server's clock, in seconds.
 TOLERANCE_S = 300
 _HEADER = re.compile(r"^\s*t=(\d{1,12})\s*,\s*sha256=([0-9a-fA-F]{64})\s*$")
-
-
-class SignatureError(Exception):
-    """The request's signature is missing, malformed, wrong or too old."""
 
 
 def sign(secret: str, body: bytes, timestamp: float | None = None) -> str:

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from ..api import create_api
 from ..client import Client
-from ..errors import DefinitionError, RunFailed
+from ..errors import DefinitionError, DemoError, RunFailed
 from ..loader import load
 from ..settings import Settings
 from ..webhooks import sign
@@ -90,10 +90,6 @@ WORKER_CONCURRENCY = 2
 READY_TIMEOUT_S = 30.0
 RUN_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-
-
-class DemoError(Exception):
-    """The demo could not set itself up; the message says what to do."""
 
 
 def run_demo(

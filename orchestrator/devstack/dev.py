@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..client import Client
-from ..errors import DefinitionError, PoolsFileError
+from ..errors import DefinitionError, DevError, PoolsFileError
 from ..health import check as liveness_check
 from ..pools import load_pools
 from ..settings import Settings
@@ -47,10 +47,6 @@ READY_TIMEOUT_S = 90.0
 #: How long each group of children has to stop after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.1
-
-
-class DevError(Exception):
-    """The stack could not start or stopped on its own; the message says why."""
 
 
 class DevStack:

@@ -7,18 +7,11 @@ import os
 from celery import Celery
 
 from .. import expressions
-from ..errors import NotFound
+from ..errors import NotFound, PermanentError
+from ..errors import WorkerLost as WorkerLost  # its old import path, kept
 from ..plan import Plan, PlanCache
 from ..settings import Settings, get_settings
 from ..store import RedisStore
-
-
-class PermanentError(Exception):
-    """A step error that retrying cannot fix (bad expression, unknown task, non-JSON output)."""
-
-
-class WorkerLost(Exception):
-    """The process running a step died, as many times as ``max_deliveries`` allows."""
 
 
 class Engine:
