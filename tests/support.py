@@ -14,9 +14,14 @@ with it on ``PYTHONPATH``, so ``tests.tasks`` and ``workers.*`` import in them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from orchestrator.devstack import processes
 from orchestrator.devstack.processes import REDIS_SERVER_BIN, RedisServer, free_port, wait_for
@@ -54,3 +59,40 @@ class BeatProcess(processes.BeatProcess):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**_repo_defaults(kwargs))
+
+
+@contextlib.contextmanager
+def flower_process(env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
+    """``orchestrator flower`` on a free port with ``env``, logging to ``log``; yields its
+    base URL and pid once its health check answers, and stops it afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, f"flower exited {proc.returncode}:\n{log.read_text()}"
+        try:
+            return httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(up, timeout=30, interval=0.1, message=lambda: f"no Flower:\n{log.read_text()}")
+        yield base, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import cli
-from tests.support import REPO_ROOT, free_port, wait_for
+from tests.support import REPO_ROOT, flower_process, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,43 +30,10 @@ def _env(orch_env: dict[str, str], **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def flower(orch_env, worker, tmp_path_factory):
     """``orchestrator flower`` on a free port; yields its base URL, pid and log file."""
-    port = free_port()
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=_env(orch_env, ORCHESTRATOR_FLOWER_BASIC_AUTH=USERS),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, f"flower exited {proc.returncode}:\n{log.read_text()}"
-        try:
-            return httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(
-            up,
-            timeout=30,
-            interval=0.1,
-            message=lambda: f"flower never answered:\n{log.read_text()}",
-        )
-        yield base, proc.pid, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    env = _env(orch_env, ORCHESTRATOR_FLOWER_BASIC_AUTH=USERS)
+    with flower_process(env, log) as (base, pid):
+        yield base, pid, log
 
 
 def test_flower_needs_basic_auth(flower):

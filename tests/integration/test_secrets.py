@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from orchestrator.api import create_api
 from orchestrator.errors import RunFailed
 from tests.integration.flows import deploy, waiting
-from tests.support import REPO_ROOT, free_port, wait_for
+from tests.support import REPO_ROOT, flower_process, wait_for
 
 SECRET = f"sec-{uuid.uuid4().hex}"
 ENV = "SECRETS_TEST_TOKEN"
@@ -64,38 +64,10 @@ def _clean_env(orch_env: dict[str, str], **extra: str) -> dict[str, str]:
 @pytest.fixture
 def flower(orch_env, tmp_path_factory):
     """``orchestrator flower`` (without the secret in its environment): (base URL, log)."""
-    port = free_port()
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=_clean_env(orch_env, ORCHESTRATOR_FLOWER_BASIC_AUTH=FLOWER_USERS),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, f"flower exited {proc.returncode}:\n{log.read_text()}"
-        try:
-            return httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(up, timeout=30, interval=0.1, message=lambda: f"no Flower:\n{log.read_text()}")
+    env = _clean_env(orch_env, ORCHESTRATOR_FLOWER_BASIC_AUTH=FLOWER_USERS)
+    with flower_process(env, log) as (base, _pid):
         yield base, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 FLOWS = f"""
