@@ -46,27 +46,22 @@ def _step_queue(plan_for: PlanFor, flow: str, version: str, step: str) -> str | 
 
 def wake_step(app: Celery, plan_for: PlanFor, address: StepAddress) -> None:
     """Send a parked step the message that makes it look at its wait again."""
-    sig = app.signature(
-        STEP_TASK,
-        args=address.message_args(True),
-        kwargs={"wake": True},
-        immutable=True,
-        shadow=f"{address.flow}.{address.key}",
-        ignore_result=True,
-    )
-    queue = _step_queue(plan_for, address.flow, address.version, address.step)
-    if queue:
-        sig.set(queue=queue)
-    publish(app, [sig])
+    _send_to_step(app, plan_for, address, {"wake": True})
 
 
 def notify_parent(app: Celery, plan_for: PlanFor, parent: dict[str, Any], child_id: str) -> None:
     """Send the parent's subflow step the message that resumes it."""
-    address = StepAddress.from_parent(parent)
+    _send_to_step(app, plan_for, StepAddress.from_parent(parent), {"resume": child_id})
+
+
+def _send_to_step(
+    app: Celery, plan_for: PlanFor, address: StepAddress, kwargs: dict[str, Any]
+) -> None:
+    """A step message for a step that continues the run, on that step's own queue."""
     sig = app.signature(
         STEP_TASK,
         args=address.message_args(True),
-        kwargs={"resume": child_id},
+        kwargs=kwargs,
         immutable=True,
         shadow=f"{address.flow}.{address.key}",
         ignore_result=True,
