@@ -18,6 +18,7 @@ import os
 import signal
 import time
 import uuid
+from typing import Any
 
 import psutil
 import pytest
@@ -213,13 +214,9 @@ def test_cancel_still_stops_a_step_whose_pool_process_leads_its_own_group(
     assert w.running
 
 
-def test_the_hard_time_limit_kills_what_the_step_started(
-    client, worker_factory, env, queue, r
-) -> None:
-    # sig.spawn starts `sleep 60` and outlasts its soft limit (1 s); the hard limit (2 s)
-    # kills its pool process, and with it the pool process's group (billiard signals the
-    # group of a pool process that leads one).
-    worker_factory(queues=[queue], env=env, concurrency=1, name="limit")
+def spawning_step(client, r, queue: str, task: str) -> tuple[Any, str, int, int]:
+    """Trigger a one-step flow whose ``task`` starts a subprocess and outlives its 1 s soft
+    limit: the run, the task's key, and the pids of its pool process and its subprocess."""
     k = key()
     name = deploy(
         client,
@@ -230,13 +227,24 @@ metadata: {{name: NAME}}
 spec:
   defaults: {{queue: {queue}}}
   steps:
-    - {{id: spawn, task: sig.spawn, with: {{key: {k}}}, timeout: 1s}}
+    - {{id: spawn, task: {task}, with: {{key: {k}}}, timeout: 1s}}
 """,
     )
     run = client.trigger(name)
     pool, grandchild = map(
         int, wait_for(lambda: r.lindex(k, 0), timeout=20, message="spawn never ran").split()
     )
+    return run, k, pool, grandchild
+
+
+def test_the_hard_time_limit_kills_what_the_step_started(
+    client, worker_factory, env, queue, r
+) -> None:
+    # sig.spawn starts `sleep 60` and outlasts its soft limit (1 s); the hard limit (2 s)
+    # kills its pool process, and with it the pool process's group (billiard signals the
+    # group of a pool process that leads one).
+    worker_factory(queues=[queue], env=env, concurrency=1, name="limit")
+    run, k, pool, grandchild = spawning_step(client, r, queue, "sig.spawn")
     try:
         wait_for(lambda: not alive(pool), timeout=15, message="the hard limit never struck")
         assert r.llen(f"{k}:soft") == 1  # it outlived its soft limit, as meant
@@ -261,23 +269,7 @@ def test_kill_descendants_at_the_soft_limit_ends_the_steps_subprocesses_in_a_poo
     # What the step runtime does when a step ends by its soft timeout, in a real pool
     # process: its subprocess goes, the pool process stays and serves the next step.
     worker_factory(queues=[queue], env=env, concurrency=1, name="soft")
-    k = key()
-    name = deploy(
-        client,
-        f"""
-apiVersion: orchestrator/v1
-kind: Flow
-metadata: {{name: NAME}}
-spec:
-  defaults: {{queue: {queue}}}
-  steps:
-    - {{id: spawn, task: sig.spawn_and_clean, with: {{key: {k}}}, timeout: 1s}}
-""",
-    )
-    run = client.trigger(name)
-    pool, grandchild = map(
-        int, wait_for(lambda: r.lindex(k, 0), timeout=20, message="spawn never ran").split()
-    )
+    run, k, pool, grandchild = spawning_step(client, r, queue, "sig.spawn_and_clean")
     try:
         killed = wait_for(lambda: r.lrange(f"{k}:killed", 0, -1), timeout=15, message="no kill")
         assert killed == [str(grandchild)]
